@@ -1,0 +1,279 @@
+"""The command line (CONTRACT.md): argument parsing, exit codes, output.
+
+Each command is a thin shell around the engine: build the dependencies from the
+config, call one function, print its result. Expected failures (bad config, an
+unreachable database, a blocked dataset) end with one clear line on stderr and a
+documented exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, db, logs
+from .actions import ActionError, load_file, skip
+from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
+from .drain import DrainReport, Engine, drain, status
+from .metrics import Metrics
+from .source import S3Source, SourceError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fleetticketsd", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    p.add_argument("--config", help=f"config file (default: ${'FLEETTICKETSD_CONFIG'}, else ./config.toml)")
+    p.add_argument("--version", action="version", version=f"fleetticketsd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="the daemon: scheduled drains, geocoding, HTTP endpoint")
+
+    m = sub.add_parser("migrate", help="apply pending migrations")
+    m.add_argument("--check", action="store_true", help="only report; exit 1 if any are pending")
+
+    d = sub.add_parser("drain", help="one pass over the datasets, then exit")
+    d.add_argument("--dataset", action="append", default=[], metavar="NAME")
+    d.add_argument("--dry-run", action="store_true", help="parse and upsert, then roll back")
+    d.add_argument("--reseed", action="store_true", help="forget ledger and watermark; re-apply changes/")
+    d.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("status", help="per-dataset watermark, lag, pending files, block")
+    s.add_argument("--json", action="store_true")
+
+    lf = sub.add_parser("load-file", help="apply one local CSV through the same engine and ledger")
+    lf.add_argument("path", type=Path)
+    lf.add_argument("--dataset", required=True, metavar="NAME")
+    lf.add_argument("--dry-run", action="store_true")
+
+    sk = sub.add_parser("skip", help="set a blocking file aside (to quarantine/) and unblock")
+    sk.add_argument("key", metavar="KEY")
+    sk.add_argument("--dataset", required=True, metavar="NAME")
+    sk.add_argument("--reason", required=True)
+
+    sub.add_parser("check-config", help="validate the configuration and print it, secrets redacted")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = resolve_path(args.config, os.environ)
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"fleetticketsd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "run":
+        from .daemon import run_daemon
+
+        return run_daemon(config, path)
+    # One-shot commands keep stdout for their result; logs go to stderr.
+    logs.configure(config.logging.level, config.logging.format, stream=sys.stderr)
+    try:
+        code: int = asyncio.run(COMMANDS[args.command](config, args))
+        return code
+    except CommandError as exc:
+        print(f"fleetticketsd: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.asynccontextmanager
+async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterator[Engine]:
+    try:
+        pool = await db.create_pool(config.database)
+    except db.DatabaseError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        async with S3Source(config.s3) as source:
+            if need_source:
+                try:
+                    await source.check()
+                except SourceError as exc:
+                    raise CommandError(
+                        f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
+                    ) from exc
+            yield Engine(config, pool, source, Metrics())
+    finally:
+        await pool.close()
+
+
+async def _check_datasets(engine: Engine, datasets: list[DatasetConfig]) -> None:
+    async with engine.pool.acquire() as conn:
+        pending = await db.pending_migrations(conn, db.load_migrations())
+        if pending:
+            raise CommandError(
+                f"database schema is behind: run `fleetticketsd migrate` ({len(pending)} pending)"
+            )
+        for ds in datasets:
+            problem = await db.check_dataset(conn, ds)
+            if problem:
+                raise CommandError(problem, EXIT_CONFIG)
+
+
+def _datasets(config: Config, names: list[str]) -> list[DatasetConfig]:
+    try:
+        return [config.dataset(n) for n in names] if names else config.enabled_datasets
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
+
+
+async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    try:
+        pool = await db.create_pool(config.database)
+    except db.DatabaseError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        async with pool.acquire() as conn:
+            available = db.load_migrations()
+            if args.check:
+                pending = await db.pending_migrations(conn, available)
+                for m in pending:
+                    print(f"pending: {m.version}")
+                print(f"{len(pending)} pending migration(s)" if pending else "schema is current")
+                return EXIT_FAIL if pending else EXIT_OK
+            applied = await db.migrate(conn, available)
+    except db.DatabaseError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        await pool.close()
+    for v in applied:
+        print(f"applied: {v}")
+    print(f"{len(applied)} migration(s) applied" if applied else "schema is current")
+    return EXIT_OK
+
+
+async def cmd_drain(config: Config, args: argparse.Namespace) -> int:
+    datasets = _datasets(config, args.dataset)
+    async with engine_for(config) as engine:
+        await _check_datasets(engine, datasets)
+        reports: list[DrainReport] = []
+        for ds in datasets:
+            reports.append(await drain(engine, ds, dry_run=args.dry_run, reseed=args.reseed))
+    if args.json:
+        print(json.dumps({"datasets": {r.dataset: r.as_json() for r in reports}}))
+    else:
+        for r in reports:
+            print(_drain_line(r))
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAIL
+
+
+def _drain_line(r: DrainReport) -> str:
+    prefix = f"{r.dataset}: " + ("(dry run) " if r.dry_run else "")
+    if r.locked:
+        return prefix + "skipped, another process is draining it"
+    parts = [
+        f"{r.files_applied if not r.dry_run else len(r.files)} file(s)",
+        f"{r.rows_upserted} row(s) upserted",
+        f"{r.rows_rejected} rejected",
+        f"watermark {r.watermark or '-'}",
+    ]
+    line = prefix + ", ".join(parts)
+    if r.blocked:
+        line += f"\n  BLOCKED at {r.blocked.key}: {r.blocked.reason}"
+    if r.failed:
+        line += f"\n  FAILED ({r.failed_stage}): {r.failed}"
+    for f in r.files if r.dry_run else []:
+        line += "\n  " + json.dumps(f)
+    return line
+
+
+async def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    async with engine_for(config) as engine:
+        out: dict[str, Any] = {}
+        for ds in config.enabled_datasets:
+            try:
+                out[ds.name] = await status(engine, ds)
+            except SourceError as exc:
+                raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"datasets": out}))
+        return EXIT_OK
+    for name, st in out.items():
+        print(f"{name}:")
+        for k, v in st.items():
+            if k == "blocked" and v:
+                v = f"{v['key']} ({v['reason']})"
+            print(f"  {k:16} {v if v is not None else '-'}")
+    return EXIT_OK
+
+
+async def cmd_load_file(config: Config, args: argparse.Namespace) -> int:
+    ds = _datasets(config, [args.dataset])[0]
+    async with engine_for(config, need_source=False) as engine:
+        await _check_datasets(engine, [ds])
+        try:
+            res = await load_file(engine, ds, args.path, dry_run=args.dry_run)
+        except ActionError as exc:
+            raise CommandError(str(exc)) from exc
+    if res.already_applied:
+        print(f"{res.key}: already applied (same content); nothing to do")
+        return EXIT_OK
+    if res.error:
+        print(f"fleetticketsd: rejected: {res.error}", file=sys.stderr)
+        return EXIT_FAIL
+    assert res.result is not None
+    print(("(dry run) " if args.dry_run else "") + json.dumps(res.result.as_json()))
+    return EXIT_OK
+
+
+async def cmd_skip(config: Config, args: argparse.Namespace) -> int:
+    ds = _datasets(config, [args.dataset])[0]
+    async with engine_for(config) as engine:
+        try:
+            res = await skip(engine, ds, args.key, args.reason)
+        except (ActionError, SourceError) as exc:
+            raise CommandError(str(exc)) from exc
+    print(
+        f"{res.key}: recorded as skipped"
+        + ("; moved to quarantine/" if res.moved else "")
+        + (f"; {ds.name} unblocked" if res.unblocked else "")
+    )
+    return EXIT_OK
+
+
+async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    print(json.dumps(redacted(config), indent=2))
+    # Tables can only be checked against a live database; an unreachable one is
+    # reported but does not make a valid file invalid.
+    try:
+        pool = await db.create_pool(config.database)
+    except db.DatabaseError as exc:
+        print(f"note: database not reachable, tables not checked: {exc}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        async with pool.acquire() as conn:
+            for ds in config.datasets.values():
+                problem = await db.check_dataset(conn, ds)
+                if problem:
+                    raise CommandError(f"configuration error: {problem}", EXIT_CONFIG)
+    finally:
+        await pool.close()
+    print("configuration valid; dataset tables exist", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Any] = {
+    "migrate": cmd_migrate,
+    "drain": cmd_drain,
+    "status": cmd_status,
+    "load-file": cmd_load_file,
+    "skip": cmd_skip,
+    "check-config": cmd_check_config,
+}

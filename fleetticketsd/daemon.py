@@ -1,0 +1,379 @@
+"""`fleetticketsd run`: the always-on service around the engine.
+
+One asyncio process. The main loop waits for a stop signal while named side tasks
+run beside it: the HTTP endpoint, the source watcher (keeps lag honest while the
+cron sleeps) and the reload handler. A side task that dies stops the daemon — a
+half-alive process that answers /healthz but no longer drains is worse than a
+restart. Drains run as APScheduler cron jobs, one job per dataset, so one dataset
+never waits for another; the dataset's advisory lock keeps replicas apart.
+
+Shutdown (SIGTERM/SIGINT): stop triggering, let each drain finish the file it is
+in, and after ``shutdown_grace_period_s`` cancel what is left — a cancelled file
+rolls back as a whole. Then close the pool and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import time
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from . import db, logs
+from . import http as http_endpoint
+from .config import Config, ConfigError, DatasetConfig, load
+from .drain import DrainReport, Engine, drain, status
+from .metrics import Metrics
+from .source import S3Source, SourceError
+
+log = structlog.get_logger("fleetticketsd.daemon")
+
+
+def run_daemon(config: Config, config_path: str) -> int:
+    logs.configure(config.logging.level, config.logging.format)
+    return asyncio.run(Daemon(config, config_path).run())
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.stopping = asyncio.Event()
+        self.engine: Engine | None = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._reload_requested = asyncio.Event()
+        self._side_tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # Before anything slow: a SIGTERM during start-up must still stop us cleanly.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        self.metrics.config_reload_ts.set(time.time())
+        for ds in self.config.enabled_datasets:
+            self.metrics.init_dataset(ds.name)
+
+        runner = await http_endpoint.start(
+            http_endpoint.make_app(self.metrics.registry, self._liveness, self._readiness),
+            self.config.server.host,
+            self.config.server.port,
+        )
+        log.info("listening", address=self.config.server.listen, version=_version())
+        exit_code = 0
+        try:
+            self.engine = await self._build_engine(self.config, None)
+            if self.engine is None:
+                return 0  # stopped while waiting for the database
+            self.scheduler = AsyncIOScheduler(timezone=self.config.schedule.timezone)
+            self.scheduler.start()
+            for ds in self.config.enabled_datasets:
+                self._schedule(ds, run_now=True)
+            self._side_tasks = {
+                "source-watcher": asyncio.create_task(self._watch_source(), name="source-watcher"),
+                "reloader": asyncio.create_task(self._reloader(), name="reloader"),
+            }
+            exit_code = await self._monitor()
+        finally:
+            await self._shutdown()
+            await runner.cleanup()
+        log.info("stopped", exit_code=exit_code)
+        return exit_code
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        if not self.stopping.is_set():
+            log.info("stop requested", signal=sig.name)
+        self.stopping.set()
+
+    async def _monitor(self) -> int:
+        """Wait for a stop request; a side task that ends by itself is a failure."""
+        stop = asyncio.create_task(self.stopping.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait(
+                [stop, *self._side_tasks.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        for name, task in self._side_tasks.items():
+            if task in done:
+                exc = task.exception() if not task.cancelled() else None
+                log.error("side task stopped unexpectedly; shutting down", task=name, error=repr(exc))
+                self.stopping.set()
+                return 1
+        return 0
+
+    async def _shutdown(self) -> None:
+        self.stopping.set()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        for task in self._side_tasks.values():
+            task.cancel()
+        running = [t for t in self._running.values() if not t.done()]
+        if running:
+            grace = self.config.daemon.shutdown_grace_period_s
+            log.info("waiting for in-flight drains", count=len(running), grace_s=grace)
+            _, late = await asyncio.wait(running, timeout=grace)
+            for task in late:
+                log.warning("grace period over: cancelling drain; its file rolls back", task=task.get_name())
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=10)
+        await asyncio.gather(*self._side_tasks.values(), return_exceptions=True)
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=10)
+        if self.engine is not None:
+            await self._close_engine(self.engine, self.engine)
+
+    # --- dependencies ----------------------------------------------------------------
+
+    async def _build_engine(self, config: Config, old: Engine | None) -> Engine | None:
+        """Pool and S3 client for ``config``, reusing ``old``'s where settings are unchanged.
+
+        At start-up the database may not be up yet (compose starts everything at
+        once): keep trying, with the daemon alive and /readyz saying why.
+        """
+        pool = old.pool if old is not None and old.config.database == config.database else None
+        attempt = 0
+        while pool is None:
+            try:
+                pool = await db.create_pool(config.database)
+            except db.DatabaseError as exc:
+                attempt += 1
+                self._last_db_error = str(exc)
+                log.warning("database not reachable; retrying", error=str(exc), attempt=attempt)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=min(30.0, 2.0**attempt))
+                if self.stopping.is_set():
+                    return None
+        if old is not None and old.config.s3 == config.s3:
+            source = old.source
+        else:
+            source = S3Source(config.s3)
+            await source.__aenter__()
+        drift = old.drift_logged if old is not None else set()
+        return Engine(config, pool, source, self.metrics, drift)
+
+    async def _close_engine(self, engine: Engine, keep: Engine) -> None:
+        if engine.pool is not keep.pool or engine is keep:
+            await engine.pool.close()
+        if engine.source is not keep.source or engine is keep:
+            await engine.source.__aexit__(None, None, None)
+
+    # --- drains ------------------------------------------------------------------------
+
+    def _schedule(self, ds: DatasetConfig, run_now: bool) -> None:
+        assert self.scheduler is not None
+        cfg = self.config
+        trigger = CronTrigger.from_crontab(cfg.cron_for(ds), timezone=cfg.schedule.timezone)
+        kwargs: dict[str, Any] = {}
+        if run_now:
+            # Catch up right after a deploy instead of waiting for the first cron fire.
+            kwargs["next_run_time"] = datetime.now(trigger.timezone)
+        self.scheduler.add_job(
+            self._drain_job,
+            trigger,
+            args=[ds.name],
+            id=ds.name,
+            name=f"drain {ds.name}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=int(cfg.daemon.misfire_grace_time_s),
+            replace_existing=True,
+            **kwargs,
+        )
+        log.info("scheduled", dataset=ds.name, cron=cfg.cron_for(ds), timezone=cfg.schedule.timezone)
+
+    async def _drain_job(self, name: str) -> None:
+        if self.stopping.is_set() or self.engine is None:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[name] = task
+        try:
+            await self._drain_with_retries(name)
+        except asyncio.CancelledError:
+            log.warning("drain cancelled", dataset=name)
+        except Exception:  # a bug: keep the daemon and the other datasets alive
+            log.exception("drain crashed", dataset=name)
+            self.metrics.poll_failures.labels(name, "apply").inc()
+        finally:
+            self._running.pop(name, None)
+
+    async def _drain_with_retries(self, name: str) -> DrainReport | None:
+        cfg = self.config.daemon
+
+        def failed(report: DrainReport | None) -> bool:
+            return report is not None and report.failed is not None and not self.stopping.is_set()
+
+        report: DrainReport | None = None
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_result(failed),
+                stop=stop_after_attempt(cfg.pass_retry_attempts),
+                wait=wait_exponential(multiplier=1, max=cfg.pass_retry_max_wait_s),
+                sleep=self._interruptible_sleep,
+            ):
+                with attempt:
+                    engine = self.engine  # a reload may swap it between attempts
+                    ds = self.config.datasets.get(name)
+                    if engine is None or ds is None or not ds.enabled:
+                        return None
+                    report = await drain(engine, ds, stop=self.stopping)
+                # The documented way to let retry_if_result see the block's result.
+                if attempt.retry_state.outcome is not None and not attempt.retry_state.outcome.failed:
+                    attempt.retry_state.set_result(report)
+        except RetryError:
+            log.error("drain pass failed after retries; next cron fire tries again", dataset=name)
+        return report
+
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+
+    # --- side tasks ----------------------------------------------------------------------
+
+    async def _watch_source(self) -> None:
+        """List changes/ on a short interval so lag and pending files stay current."""
+        while not self.stopping.is_set():
+            await self._interruptible_sleep(self.config.daemon.source_check_interval_s)
+            if self.stopping.is_set() or self.engine is None:
+                return
+            for ds in self.config.enabled_datasets:
+                with structlog.contextvars.bound_contextvars(dataset=ds.name):
+                    try:
+                        await status(self.engine, ds)
+                    except WATCH_ERRORS as exc:
+                        log.warning("source check failed", error=str(exc))
+
+    async def _reloader(self) -> None:
+        while not self.stopping.is_set():
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            if self.stopping.is_set():
+                return
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config; on any error keep running on the old one."""
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            self.metrics.config_reload_ok.set(0)
+            log.error(
+                "config reload failed; keeping the running configuration",
+                key=exc.key,
+                error=str(exc),
+            )
+            return False
+        old_config, old_engine = self.config, self.engine
+        assert old_engine is not None and self.scheduler is not None
+        if new.server != old_config.server:
+            log.warning("server.listen changed: takes effect on restart", listen=new.server.listen)
+            new = dataclasses.replace(new, server=old_config.server)
+        engine = await self._build_engine(new, old_engine)
+        if engine is None:
+            return False
+        self.config, self.engine = new, engine
+        if new.logging != old_config.logging:
+            logs.configure(new.logging.level, new.logging.format)
+        # Pool or client replaced: close the old ones once drains using them finish.
+        if engine.pool is not old_engine.pool or engine.source is not old_engine.source:
+            running = [t for t in self._running.values() if not t.done()]
+            closing = asyncio.create_task(self._close_later(old_engine, engine, running))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        old_ds = {d.name: d for d in old_config.enabled_datasets}
+        new_ds = {d.name: d for d in new.enabled_datasets}
+        for name in old_ds.keys() - new_ds.keys():
+            with contextlib.suppress(Exception):
+                self.scheduler.remove_job(name)
+            self.metrics.remove_dataset(name)
+            log.info("dataset removed", dataset=name)
+        tz_changed = new.schedule.timezone != old_config.schedule.timezone
+        for name, ds in new_ds.items():
+            if name not in old_ds:
+                self.metrics.init_dataset(name)
+                self._schedule(ds, run_now=True)
+            elif tz_changed or new.cron_for(ds) != old_config.cron_for(old_ds[name]):
+                self.scheduler.reschedule_job(
+                    name,
+                    trigger=CronTrigger.from_crontab(new.cron_for(ds), timezone=new.schedule.timezone),
+                )
+                log.info("rescheduled", dataset=name, cron=new.cron_for(ds))
+        self.metrics.config_reload_ok.set(1)
+        self.metrics.config_reload_ts.set(time.time())
+        log.info("configuration reloaded", datasets=sorted(new_ds))
+        return True
+
+    async def _close_later(self, old: Engine, new: Engine, running: list[asyncio.Task[Any]]) -> None:
+        if running:
+            await asyncio.wait(running)
+        await self._close_engine(old, new)
+
+    # --- probes ----------------------------------------------------------------------------
+
+    def _liveness(self) -> str | None:
+        if self.scheduler is not None and not self.scheduler.running and not self.stopping.is_set():
+            return "scheduler is not running"
+        dead = [n for n, t in self._side_tasks.items() if t.done()]
+        if dead and not self.stopping.is_set():
+            return f"side task stopped: {', '.join(dead)}"
+        return None
+
+    async def _readiness(self) -> dict[str, str | None]:
+        checks: dict[str, str | None] = {"config": None, "database": None, "migrations": None}
+        engine = self.engine
+        if engine is None:
+            checks["database"] = getattr(self, "_last_db_error", "not connected yet")
+            checks["migrations"] = "unknown: database not connected"
+            return checks
+        try:
+            async with asyncio.timeout(3):
+                async with engine.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+                    pending = await db.pending_migrations(conn, db.load_migrations())
+            if pending:
+                checks["migrations"] = f"{len(pending)} pending: run `fleetticketsd migrate`"
+        except READY_ERRORS as exc:
+            checks["database"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            checks["migrations"] = "unknown: database not reachable"
+        return checks
+
+
+# Failures of the database or the network, as opposed to bugs.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    db.DatabaseError,
+)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+WATCH_ERRORS: tuple[type[BaseException], ...] = (SourceError, *DB_ERRORS)
+READY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DB_ERRORS)

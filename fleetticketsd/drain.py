@@ -1,0 +1,458 @@
+"""A dataset's drain: one pass that applies every pending change file, in name order.
+
+The pass, top to bottom:
+  1. take the dataset's advisory lock (semantic 7) — another process draining it
+     means this pass has nothing to do;
+  2. list ``changes/`` and look the listed files up in the ledger, once;
+  3. finish what an earlier pass decided but did not get to move: applied files
+     still in ``changes/`` are archived, never re-applied (semantic 3); skipped or
+     quarantined ones go back to ``quarantine/``;
+  4. apply the rest oldest name first — a blocked key first of all — each in its own
+     transaction (apply.py), archiving each after its commit.
+A bad file either blocks the dataset at its key or is quarantined (semantic 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from . import ledger
+from .apply import FileResult, apply_file
+from .config import Config, DatasetConfig
+from .feed import BadFile, file_name, key_timestamp
+from .ledger import Blocked
+from .metrics import Metrics
+from .source import ChangeFile, S3Source, SourceError
+
+log = structlog.get_logger("fleetticketsd.drain")
+
+# Errors that mean "the database or the network failed", not "this code is wrong".
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass
+class Engine:
+    """What a drain needs, passed in: nothing here is reached through a global."""
+
+    config: Config
+    pool: asyncpg.Pool
+    source: S3Source
+    metrics: Metrics
+    # Schema drift is logged once per dataset and process, not once per file.
+    drift_logged: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+
+
+class DrainFailed(Exception):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class DrainReport:
+    dataset: str
+    files_applied: int = 0
+    rows_upserted: int = 0
+    rows_rejected: int = 0
+    blocked: Blocked | None = None
+    watermark: str | None = None
+    locked: bool = False
+    failed: str | None = None
+    failed_stage: str | None = None
+    dry_run: bool = False
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None and self.blocked is None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "files_applied": self.files_applied,
+            "rows_upserted": self.rows_upserted,
+            "rows_rejected": self.rows_rejected,
+            "blocked": self.blocked.as_json() if self.blocked else None,
+            "watermark": self.watermark,
+        }
+        if self.locked:
+            out["skipped"] = "another process is draining this dataset"
+        if self.failed:
+            out["error"] = {"stage": self.failed_stage, "message": self.failed}
+        if self.dry_run:
+            out["files"] = self.files
+        return out
+
+
+Progress = Callable[[DatasetConfig, int, int, FileResult], None]
+
+
+def is_late(key: str, watermark: str | None) -> bool:
+    return watermark is not None and file_name(key) < file_name(watermark)
+
+
+def lag_seconds(newest: ChangeFile | None, watermark: str | None, pending: list[ChangeFile]) -> float:
+    """Newest key's time minus the watermark's; 0 when nothing newer waits.
+
+    With no watermark yet (first run), the oldest pending file stands in for it, so
+    a fresh install that has not caught up does not report 0.
+    """
+    if newest is None or not pending:
+        return 0.0
+    reference = key_timestamp(watermark) if watermark else pending[0].timestamp
+    if reference is None:
+        return 0.0
+    return max(0.0, (newest.timestamp - reference).total_seconds())
+
+
+def error_document(dataset: DatasetConfig, file: ChangeFile, reason: str, line: int | None) -> dict[str, Any]:
+    return {
+        "dataset": dataset.name,
+        "key": file.key,
+        "etag": file.etag,
+        "error": reason,
+        "line": line,
+        "quarantined_at": datetime.now(UTC).isoformat(),
+    }
+
+
+async def drain(
+    engine: Engine,
+    dataset: DatasetConfig,
+    *,
+    dry_run: bool = False,
+    reseed: bool = False,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
+) -> DrainReport:
+    """One pass over one dataset. Never raises for an operational failure: the report says.
+
+    ``stop`` is checked between files: a shutdown lets the file in flight commit and
+    leaves the rest for the next start.
+    """
+    report = DrainReport(dataset.name, dry_run=dry_run)
+    started = time.monotonic()
+    with structlog.contextvars.bound_contextvars(dataset=dataset.name):
+        try:
+            async with engine.pool.acquire() as conn:
+                if not await ledger.try_lock(conn, dataset.name):
+                    log.info("drain skipped: another process holds the dataset lock")
+                    report.locked = True
+                    return report
+                try:
+                    if dry_run:
+                        # Everything, ledger and block included, happens in one
+                        # transaction that is rolled back: later files see the effect
+                        # of earlier ones, and nothing stays.
+                        tx = conn.transaction()
+                        await tx.start()
+                        try:
+                            await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
+                        finally:
+                            await tx.rollback()
+                    else:
+                        await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
+                finally:
+                    with contextlib.suppress(*DB_ERRORS):
+                        await ledger.unlock(conn, dataset.name)
+        except DrainFailed as exc:
+            report.failed, report.failed_stage = str(exc), exc.stage
+        except DB_ERRORS as exc:
+            report.failed, report.failed_stage = f"database: {exc}", "apply"
+        if report.failed:
+            engine.metrics.poll_failures.labels(dataset.name, report.failed_stage or "apply").inc()
+            log.error("drain pass failed", stage=report.failed_stage, error=report.failed)
+        elapsed = time.monotonic() - started
+        if not dry_run and not report.locked:
+            engine.metrics.poll_duration.labels(dataset.name).observe(elapsed)
+            if report.ok:
+                engine.metrics.last_success.labels(dataset.name).set(time.time())
+        log.info(
+            "drain pass done" if report.ok else "drain pass stopped",
+            files_applied=report.files_applied,
+            rows_upserted=report.rows_upserted,
+            rows_rejected=report.rows_rejected,
+            watermark=report.watermark,
+            blocked=report.blocked.key if report.blocked else None,
+            dry_run=dry_run,
+            seconds=round(elapsed, 3),
+        )
+    return report
+
+
+async def _pass(
+    engine: Engine,
+    conn: asyncpg.Connection,
+    dataset: DatasetConfig,
+    report: DrainReport,
+    dry_run: bool,
+    reseed: bool,
+    progress: Progress | None,
+    stop: asyncio.Event | None,
+) -> None:
+    m = engine.metrics
+    await ledger.ensure(conn, dataset.name)
+    if reseed:
+        await conn.execute(ledger.RESEED, dataset.name)
+        log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
+    state = await ledger.state(conn, dataset.name)
+    report.watermark = state.watermark
+    try:
+        listed = await engine.source.list_changes(dataset)
+    except SourceError as exc:
+        raise DrainFailed("list", str(exc)) from exc
+    known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
+
+    pending: list[ChangeFile] = []
+    leftovers = 0
+    for f in listed:
+        entry = known.get((f.key, f.etag))
+        if entry is None:
+            pending.append(f)
+        elif not dry_run:
+            leftovers += 0 if await _finish_move(engine, dataset, f, entry) else 1
+    m.archive_pending.labels(dataset.name).set(leftovers)
+    _observe_source(engine, dataset, listed, pending, state.watermark)
+    if not dry_run:
+        await conn.execute(
+            ledger.RECORD_SOURCE_SEEN,
+            dataset.name,
+            listed[-1].key if listed else None,
+            len(pending),
+        )
+
+    if state.blocked is not None:
+        first = next((f for f in pending if f.key == state.blocked.key), None)
+        if first is None and not any(f.key == state.blocked.key for f in listed):
+            # The bad file vanished without `skip`: its rows are unaccounted for, so
+            # the dataset stays blocked until an operator decides.
+            report.blocked = Blocked(
+                state.blocked.key,
+                state.blocked.etag,
+                f"{state.blocked.reason} (file no longer under changes/; use `fleetticketsd skip`)",
+            )
+            m.dataset_blocked.labels(dataset.name).set(1)
+            return
+        if first is not None:
+            pending.remove(first)
+            pending.insert(0, first)
+        elif not dry_run:
+            # Decided elsewhere (skipped and since moved): nothing blocks any more.
+            await conn.execute(ledger.CLEAR_BLOCKED, dataset.name, state.blocked.key)
+
+    watermark = state.watermark
+    for done, f in enumerate(pending, start=1):
+        if stop is not None and stop.is_set():
+            log.info("stopping between files", remaining=len(pending) - done + 1)
+            return
+        with structlog.contextvars.bound_contextvars(key=f.key):
+            result = await _apply_one(engine, conn, dataset, f, watermark, report, dry_run)
+            if result is None:
+                if report.blocked is not None:
+                    return
+                continue
+            if not is_late(f.key, watermark):
+                watermark = f.key
+            report.watermark = watermark
+            if progress is not None:
+                progress(dataset, done, len(pending), result)
+            if not dry_run:
+                await _archive(engine, dataset, f)
+    if not dry_run:
+        m.dataset_blocked.labels(dataset.name).set(0)
+        _observe_source(engine, dataset, listed, [], watermark)
+
+
+async def _apply_one(
+    engine: Engine,
+    conn: asyncpg.Connection,
+    dataset: DatasetConfig,
+    f: ChangeFile,
+    watermark: str | None,
+    report: DrainReport,
+    dry_run: bool,
+) -> FileResult | None:
+    """Apply one file; None if it was bad (then report.blocked says whether to stop)."""
+    m = engine.metrics
+    late = is_late(f.key, watermark)
+    try:
+        async with engine.source.open(f, engine.config.ingest.read_chunk_bytes) as chunks:
+            result = await apply_file(
+                conn,
+                dataset,
+                f.key,
+                f.etag,
+                chunks,
+                late=late,
+                size_bytes=f.size,
+                max_record_bytes=engine.config.ingest.max_record_bytes,
+            )
+    except BadFile as exc:
+        m.poll_failures.labels(dataset.name, "parse").inc()
+        await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
+        return None
+    except SourceError as exc:
+        raise DrainFailed("fetch", str(exc)) from exc
+    except DB_ERRORS as exc:
+        raise DrainFailed("apply", f"{f.key}: {exc}") from exc
+
+    report.files_applied += 0 if dry_run else 1
+    report.rows_upserted += result.upserted
+    report.rows_rejected += result.rejected
+    if dry_run:
+        report.files.append(result.as_json())
+        log.info("dry run: file would apply", **result.as_json())
+        return result
+    m.files_applied.labels(dataset.name).inc()
+    m.rows_upserted.labels(dataset.name).inc(result.upserted)
+    for reason, n in result.reject_reasons.items():
+        m.rows_rejected.labels(dataset.name, reason).inc(n)
+    if late:
+        m.late_files.labels(dataset.name).inc()
+        log.warning("late file applied under the stale-write guard", watermark=watermark)
+    if result.extra_columns and (dataset.name, result.extra_columns) not in engine.drift_logged:
+        engine.drift_logged.add((dataset.name, result.extra_columns))
+        log.warning("schema drift: extra columns kept in raw", columns=list(result.extra_columns))
+    log.info(
+        "file applied",
+        rows_read=result.rows_read,
+        inserted=result.inserted,
+        updated=result.updated,
+        unchanged=result.unchanged,
+        rejected=result.rejected,
+        late=late,
+    )
+    return result
+
+
+async def _bad_file(
+    engine: Engine,
+    conn: asyncpg.Connection,
+    dataset: DatasetConfig,
+    f: ChangeFile,
+    exc: BadFile,
+    report: DrainReport,
+    dry_run: bool,
+) -> None:
+    reason = str(exc)
+    if dataset.on_bad_file == "halt":
+        report.blocked = Blocked(f.key, f.etag, reason)
+        log.error("bad file: dataset blocked", reason=reason, dry_run=dry_run)
+        if not dry_run:
+            await conn.execute(ledger.SET_BLOCKED, dataset.name, f.key, f.etag, reason)
+            engine.metrics.dataset_blocked.labels(dataset.name).set(1)
+        return
+    log.error("bad file: quarantined", reason=reason, dry_run=dry_run)
+    report.files.append({"key": f.key, "quarantined": reason})
+    if dry_run:
+        return
+    # Ledger first: if the move below fails, the next pass finishes it (_finish_move).
+    await conn.execute(
+        ledger.RECORD_FILE,
+        dataset.name,
+        f.key,
+        f.etag,
+        "quarantined",
+        f.size,
+        0,
+        0,
+        0,
+        0,
+        0,
+        False,
+        reason,
+    )
+    await conn.execute(ledger.CLEAR_BLOCKED, dataset.name, f.key)
+    try:
+        await engine.source.quarantine(dataset, f, error_document(dataset, f, reason, exc.line))
+    except SourceError as err:
+        engine.metrics.poll_failures.labels(dataset.name, "archive").inc()
+        log.warning("quarantine move failed; next pass retries it", error=str(err))
+
+
+async def _finish_move(
+    engine: Engine, dataset: DatasetConfig, f: ChangeFile, entry: ledger.LedgerEntry
+) -> bool:
+    """A file the ledger already decided on is still in changes/: move it, apply nothing."""
+    with structlog.contextvars.bound_contextvars(key=f.key):
+        if entry.status == "applied":
+            log.info("already applied; archiving only")
+            return await _archive(engine, dataset, f)
+        log.info("already set aside; back to quarantine/", status=entry.status)
+        try:
+            await engine.source.quarantine(
+                dataset, f, error_document(dataset, f, entry.error or entry.status, None)
+            )
+            return True
+        except SourceError as exc:
+            engine.metrics.poll_failures.labels(dataset.name, "archive").inc()
+            log.warning("quarantine move failed; next pass retries it", error=str(exc))
+            return False
+
+
+async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile) -> bool:
+    # The file is committed; a failure here only delays the move to the next pass,
+    # which finds it in the ledger and archives it without re-applying.
+    try:
+        moved = await engine.source.archive(dataset, f)
+    except SourceError as exc:
+        engine.metrics.poll_failures.labels(dataset.name, "archive").inc()
+        log.warning("archive failed; next pass retries it", error=str(exc))
+        return False
+    if not moved:
+        log.info("key was re-uploaded since it was applied; new version left in changes/")
+    return True
+
+
+def _observe_source(
+    engine: Engine,
+    dataset: DatasetConfig,
+    listed: list[ChangeFile],
+    pending: list[ChangeFile],
+    watermark: str | None,
+) -> None:
+    m = engine.metrics
+    newest = listed[-1] if listed else None
+    m.pending_files.labels(dataset.name).set(len(pending))
+    m.source_lag.labels(dataset.name).set(lag_seconds(newest, watermark, pending))
+    if newest is not None:
+        m.newest_source_ts.labels(dataset.name).set(newest.timestamp.timestamp())
+    wm_ts = key_timestamp(watermark) if watermark else None
+    if wm_ts is not None:
+        m.watermark_ts.labels(dataset.name).set(wm_ts.timestamp())
+        if newest is None or newest.timestamp < wm_ts:
+            m.newest_source_ts.labels(dataset.name).set(wm_ts.timestamp())
+
+
+# --- status ----------------------------------------------------------------------------
+
+
+async def status(engine: Engine, dataset: DatasetConfig) -> dict[str, Any]:
+    """What `status` prints for one dataset; also refreshes the source gauges."""
+    async with engine.pool.acquire() as conn:
+        state = await ledger.state(conn, dataset.name)
+        listed = await engine.source.list_changes(dataset)
+        known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
+    pending = [f for f in listed if (f.key, f.etag) not in known]
+    _observe_source(engine, dataset, listed, pending, state.watermark)
+    return {
+        "watermark": state.watermark,
+        "newest_key": listed[-1].key if listed else None,
+        "pending_files": len(pending),
+        "lag_seconds": lag_seconds(listed[-1] if listed else None, state.watermark, pending),
+        "blocked": state.blocked.as_json() if state.blocked else None,
+        "last_applied_at": state.last_applied_at.isoformat() if state.last_applied_at else None,
+    }

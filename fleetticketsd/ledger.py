@@ -1,0 +1,150 @@
+"""What the database remembers about each dataset: the file ledger and the watermark.
+
+The ledger row, the watermark advance and the file's rows are written in one
+transaction (CONTRACT.md semantic 2); these helpers take the connection that holds
+it and never open one of their own. The watermark only moves forward, compared by
+the timestamp in the file name (``tickets.key_name``), so a late file cannot lower it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .db import LOCK_NAMESPACE
+
+ENSURE_META = """
+INSERT INTO tickets.import_meta (dataset) VALUES ($1) ON CONFLICT (dataset) DO NOTHING
+"""
+GET_META = """
+SELECT metadata->>'source_max_key' AS watermark, blocked_key, blocked_etag, blocked_reason,
+       blocked_at, last_applied_at, metadata
+FROM tickets.import_meta WHERE dataset = $1
+"""
+LEDGER_FOR_KEYS = """
+SELECT key, etag, status, error FROM tickets.ingest_files WHERE dataset = $1 AND key = ANY($2::text[])
+"""
+RECORD_FILE = """
+INSERT INTO tickets.ingest_files
+    (dataset, key, etag, status, size_bytes, rows_read, rows_inserted, rows_updated,
+     rows_unchanged, rows_rejected, late, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (dataset, key, etag) DO UPDATE
+    SET status = EXCLUDED.status, error = EXCLUDED.error, applied_at = now()
+"""
+# Forward only, by the name's timestamp; also clears a block on this very key, since
+# a file that applies is no longer bad.
+ADVANCE_WATERMARK = """
+UPDATE tickets.import_meta
+SET metadata = CASE
+        WHEN metadata->>'source_max_key' IS NULL
+          OR tickets.key_name(metadata->>'source_max_key') < tickets.key_name($2)
+        THEN jsonb_set(metadata, '{source_max_key}', to_jsonb($2::text))
+        ELSE metadata END,
+    blocked_key    = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_key END,
+    blocked_etag   = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_etag END,
+    blocked_reason = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_reason END,
+    blocked_at     = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_at END,
+    last_applied_at = now(),
+    updated_at = now()
+WHERE dataset = $1
+"""
+SET_BLOCKED = """
+UPDATE tickets.import_meta
+SET blocked_key = $2, blocked_etag = $3, blocked_reason = $4,
+    blocked_at = CASE WHEN blocked_key IS DISTINCT FROM $2 THEN now() ELSE blocked_at END,
+    updated_at = now()
+WHERE dataset = $1
+"""
+CLEAR_BLOCKED = """
+UPDATE tickets.import_meta
+SET blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_at = NULL, updated_at = now()
+WHERE dataset = $1 AND ($2::text IS NULL OR blocked_key = $2)
+"""
+# What the last listing saw, for status readers (dashboards) that cannot list S3.
+RECORD_SOURCE_SEEN = """
+UPDATE tickets.import_meta
+SET metadata = metadata || jsonb_build_object(
+        'newest_key', $2::text, 'pending_files', $3::int, 'source_checked_at', now()),
+    updated_at = now()
+WHERE dataset = $1
+"""
+RESEED = """
+WITH gone AS (DELETE FROM tickets.ingest_files WHERE dataset = $1)
+UPDATE tickets.import_meta
+SET metadata = metadata - 'source_max_key',
+    blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_at = NULL,
+    updated_at = now()
+WHERE dataset = $1
+"""
+TRY_DATASET_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
+DATASET_LOCK = "SELECT pg_advisory_lock($1, hashtext($2))"
+DATASET_UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2))"
+INSERT_REJECTS = """
+INSERT INTO tickets.ingest_rejects (dataset, key, etag, line, reason, raw_line)
+SELECT $1, $2, $3, r.line, r.reason, r.raw_line
+FROM unnest($4::int[], $5::text[], $6::text[]) AS r(line, reason, raw_line)
+"""
+
+
+@dataclass(frozen=True)
+class Blocked:
+    key: str
+    etag: str | None
+    reason: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"key": self.key, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class DatasetState:
+    watermark: str | None
+    blocked: Blocked | None
+    last_applied_at: datetime | None
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    status: str  # applied | skipped | quarantined
+    error: str | None
+
+
+async def ensure(conn: asyncpg.Connection, dataset: str) -> None:
+    await conn.execute(ENSURE_META, dataset)
+
+
+async def state(conn: asyncpg.Connection, dataset: str) -> DatasetState:
+    row = await conn.fetchrow(GET_META, dataset)
+    if row is None:
+        return DatasetState(None, None, None, {})
+    blocked = (
+        Blocked(row["blocked_key"], row["blocked_etag"], row["blocked_reason"] or "")
+        if row["blocked_key"]
+        else None
+    )
+    return DatasetState(row["watermark"], blocked, row["last_applied_at"], row["metadata"] or {})
+
+
+async def entries(
+    conn: asyncpg.Connection, dataset: str, keys: list[str]
+) -> dict[tuple[str, str], LedgerEntry]:
+    """Ledger rows for the listed keys: one query per pass, not one per file."""
+    rows = await conn.fetch(LEDGER_FOR_KEYS, dataset, keys)
+    return {(r["key"], r["etag"]): LedgerEntry(r["status"], r["error"]) for r in rows}
+
+
+async def try_lock(conn: asyncpg.Connection, dataset: str) -> bool:
+    return bool(await conn.fetchval(TRY_DATASET_LOCK, LOCK_NAMESPACE, dataset))
+
+
+async def lock(conn: asyncpg.Connection, dataset: str) -> None:
+    await conn.execute(DATASET_LOCK, LOCK_NAMESPACE, dataset)
+
+
+async def unlock(conn: asyncpg.Connection, dataset: str) -> None:
+    await conn.execute(DATASET_UNLOCK, LOCK_NAMESPACE, dataset)

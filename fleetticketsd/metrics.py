@@ -1,0 +1,155 @@
+"""Prometheus metrics: the names and labels CONTRACT.md fixes, plus a few of our own.
+
+All metrics hang off one CollectorRegistry per process (the only module-level state
+the project allows itself is the registry, and even that is created here, per
+Metrics instance, so tests can run several daemons in one interpreter).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+# One pass is a listing plus, usually, a handful of small deltas (well under a
+# second); after an outage it can be hundreds of files or a 500 MB baseline.
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+POLL_STAGES = ("list", "fetch", "parse", "apply", "archive")
+GEOCODE_OUTCOMES = ("ok", "no_match", "rejected_distance", "rate_limited", "error")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ds = ("dataset",)
+        self.source_lag = Gauge(
+            "fleettickets_source_lag_seconds",
+            "Newest key under changes/ minus the watermark key, in seconds; 0 when caught up",
+            ds,
+            registry=r,
+        )
+        self.pending_files = Gauge(
+            "fleettickets_pending_files", "Files under changes/ not yet applied", ds, registry=r
+        )
+        self.watermark_ts = Gauge(
+            "fleettickets_watermark_timestamp_seconds",
+            "Unix time of the watermark key",
+            ds,
+            registry=r,
+        )
+        self.newest_source_ts = Gauge(
+            "fleettickets_newest_source_timestamp_seconds",
+            "Unix time of the newest key seen in the source",
+            ds,
+            registry=r,
+        )
+        self.files_applied = Counter("fleettickets_files_applied", "Files committed", ds, registry=r)
+        self.rows_upserted = Counter("fleettickets_rows_upserted", "Rows inserted or changed", ds, registry=r)
+        self.rows_rejected = Counter(
+            "fleettickets_rows_rejected",
+            "Rows sent to the rejects table",
+            ("dataset", "reason"),
+            registry=r,
+        )
+        self.late_files = Counter(
+            "fleettickets_late_files",
+            "Files older than the watermark applied under the stale-write guard",
+            ds,
+            registry=r,
+        )
+        self.dataset_blocked = Gauge(
+            "fleettickets_dataset_blocked", "1 while a bad file halts the dataset", ds, registry=r
+        )
+        self.poll_duration = Histogram(
+            "fleettickets_poll_duration_seconds",
+            "One drain pass",
+            ds,
+            buckets=POLL_BUCKETS,
+            registry=r,
+        )
+        self.poll_failures = Counter(
+            "fleettickets_poll_failures",
+            "Failed steps of a drain pass",
+            ("dataset", "stage"),
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "fleettickets_last_success_timestamp_seconds",
+            "End of the last successful drain pass",
+            ds,
+            registry=r,
+        )
+        self.geocode_queue_depth = Gauge(
+            "fleettickets_geocode_queue_depth", "Locations waiting to be geocoded", registry=r
+        )
+        self.geocode_requests = Counter(
+            "fleettickets_geocode_requests",
+            "Geocoding requests by outcome",
+            ("provider", "outcome"),
+            registry=r,
+        )
+        self.geocode_budget_remaining = Gauge(
+            "fleettickets_geocode_budget_remaining", "Requests left in today's budget", registry=r
+        )
+        self.config_reload_ok = Gauge(
+            "fleettickets_config_last_reload_successful",
+            "1 if the last SIGHUP reload succeeded",
+            registry=r,
+        )
+        self.config_reload_ts = Gauge(
+            "fleettickets_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load",
+            registry=r,
+        )
+        self.build_info = Info("fleettickets_build", "Version of fleetticketsd", registry=r)
+        self.build_info.info({"version": __version__})
+        # Ours, beyond the contract.
+        self.archive_pending = Gauge(
+            "fleettickets_archive_pending_files",
+            "Applied files still under changes/ (an archive step failed)",
+            ds,
+            registry=r,
+        )
+        self.config_reload_ok.set(1)
+
+    def init_dataset(self, dataset: str) -> None:
+        """Export every per-dataset series at zero, so dashboards and rate() see them at once."""
+        for metric in (
+            self.files_applied,
+            self.rows_upserted,
+            self.late_files,
+            self.dataset_blocked,
+            self.pending_files,
+            self.source_lag,
+            self.archive_pending,
+        ):
+            metric.labels(dataset)
+        for stage in POLL_STAGES:
+            self.poll_failures.labels(dataset, stage)
+        self.poll_duration.labels(dataset)
+
+    def remove_dataset(self, dataset: str) -> None:
+        """Forget a dataset dropped by a reload: stale series would keep alerts firing."""
+        for metric in (
+            self.files_applied,
+            self.rows_upserted,
+            self.late_files,
+            self.dataset_blocked,
+            self.pending_files,
+            self.source_lag,
+            self.archive_pending,
+            self.watermark_ts,
+            self.newest_source_ts,
+            self.last_success,
+            self.poll_duration,
+        ):
+            try:
+                metric.remove(dataset)
+            except KeyError:
+                pass
+        for stage in POLL_STAGES:
+            try:
+                self.poll_failures.remove(dataset, stage)
+            except KeyError:
+                pass

@@ -1,0 +1,201 @@
+"""The S3 source: list a dataset's change files, stream one, archive or quarantine it.
+
+Only names decide order (CONTRACT.md semantic 1): LastModified changes on every copy
+and re-upload and says nothing about when the export ran. Transient S3 errors are
+retried by botocore's own "standard" retry mode (exponential backoff with jitter,
+throttling-aware), so callers see only errors that outlived those retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import DatasetConfig, S3Config
+from .feed import file_name, key_timestamp
+
+
+class SourceError(Exception):
+    """An S3 call failed after retries; ``op`` is the call, ``key`` what it was about."""
+
+    def __init__(self, op: str, key: str, cause: BaseException) -> None:
+        super().__init__(f"S3 {op} {key}: {describe(cause)}")
+        self.op = op
+        self.key = key
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_code(exc: BaseException, *codes: str) -> bool:
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in codes
+
+
+@dataclass(frozen=True)
+class ChangeFile:
+    key: str
+    etag: str
+    size: int
+    timestamp: datetime  # UTC, from the name
+
+    @property
+    def name(self) -> str:
+        return file_name(self.key)
+
+
+class S3Source:
+    """One aiobotocore client, shared by every dataset of the process."""
+
+    def __init__(self, config: S3Config, max_attempts: int = 5) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self._session = aioboto3.Session(
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            region_name=config.region,
+        )
+        self._boto_config = AioConfig(
+            s3={"addressing_style": config.addressing_style},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            max_pool_connections=16,
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> Self:
+        self._client = await self._stack.enter_async_context(
+            self._session.client("s3", endpoint_url=self.config.endpoint_url, config=self._boto_config)
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("S3Source used outside 'async with'")
+        return self._client
+
+    async def check(self) -> None:
+        """Raise SourceError unless the bucket is reachable with these credentials."""
+        try:
+            await self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("head_bucket", self.bucket, exc) from exc
+
+    async def list_changes(self, dataset: DatasetConfig) -> list[ChangeFile]:
+        """Every change file under ``<prefix>changes/``, oldest name first.
+
+        The Delimiter keeps the listing to the one level that matters: sub-folders
+        under changes/ are not change files and cost nothing to skip.
+        """
+        prefix = dataset.changes_prefix
+        found: list[ChangeFile] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    ts = key_timestamp(key)
+                    if ts is None or key[len(prefix) :] != file_name(key):
+                        continue
+                    found.append(ChangeFile(key, obj["ETag"].strip('"'), obj["Size"], ts))
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("list", prefix, exc) from exc
+        found.sort(key=lambda f: f.name)
+        return found
+
+    async def head(self, key: str) -> ChangeFile | None:
+        try:
+            resp = await self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is_code(exc, "404", "NoSuchKey", "NotFound"):
+                return None
+            raise SourceError("head", key, exc) from exc
+        except BotoCoreError as exc:
+            raise SourceError("head", key, exc) from exc
+        ts = key_timestamp(key)
+        assert ts is not None, key
+        return ChangeFile(key, resp["ETag"].strip('"'), resp["ContentLength"], ts)
+
+    @contextlib.asynccontextmanager
+    async def open(self, file: ChangeFile, chunk_bytes: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream the exact version that was listed.
+
+        IfMatch pins the ETag: if the key was re-uploaded since the listing, this
+        fails rather than applying new bytes under the old ETag in the ledger.
+        """
+        try:
+            resp = await self.client.get_object(Bucket=self.bucket, Key=file.key, IfMatch=f'"{file.etag}"')
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("get", file.key, exc) from exc
+        body = resp["Body"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await body.read(chunk_bytes):
+                    yield chunk
+            except (ClientError, BotoCoreError, OSError) as exc:
+                raise SourceError("read", file.key, exc) from exc
+
+        try:
+            yield chunks()
+        finally:
+            body.close()
+
+    async def archive(self, dataset: DatasetConfig, file: ChangeFile) -> bool:
+        """Move to processed/. False if the key now holds another version (left in place)."""
+        return await self._move(file, dataset.processed_prefix + file.name)
+
+    async def quarantine(self, dataset: DatasetConfig, file: ChangeFile, error: dict[str, Any]) -> bool:
+        """Move to quarantine/ with ``<name>.error.json`` beside it, saying why."""
+        error_key = f"{dataset.quarantine_prefix}{file.name}.error.json"
+        body = json.dumps(error, indent=2, sort_keys=True).encode()
+        try:
+            await self.client.put_object(
+                Bucket=self.bucket, Key=error_key, Body=body, ContentType="application/json"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("put", error_key, exc) from exc
+        return await self._move(file, dataset.quarantine_prefix + file.name)
+
+    async def _move(self, file: ChangeFile, target: str) -> bool:
+        # S3 has no rename. Copy only the version we handled (CopySourceIfMatch), then
+        # delete: if a fixed file was re-uploaded meanwhile, it stays in changes/ for
+        # the next pass instead of being archived unread.
+        try:
+            await self.client.copy_object(
+                Bucket=self.bucket,
+                Key=target,
+                CopySource={"Bucket": self.bucket, "Key": file.key},
+                CopySourceIfMatch=f'"{file.etag}"',
+            )
+        except ClientError as exc:
+            if _is_code(exc, "PreconditionFailed", "412", "NoSuchKey", "404"):
+                return False
+            raise SourceError("copy", file.key, exc) from exc
+        except BotoCoreError as exc:
+            raise SourceError("copy", file.key, exc) from exc
+        try:
+            await self.client.delete_object(Bucket=self.bucket, Key=file.key)
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("delete", file.key, exc) from exc
+        return True

@@ -368,9 +368,23 @@ def _validate(config: Config) -> None:
         raise ConfigError("geocoder.daily_budget", "must not be negative")
 
 
+def cron_trigger(expr: str, tz: str) -> CronTrigger:
+    """Standard 5-field crontab; a 6th leading field, if given, is seconds.
+
+    Seconds are for tests and demos that cannot wait a minute for a fire.
+    """
+    fields_ = expr.split()
+    if len(fields_) == 6:
+        second, minute, hour, day, month, dow = fields_
+        return CronTrigger(
+            second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=dow, timezone=tz
+        )
+    return CronTrigger.from_crontab(expr, timezone=tz)
+
+
 def _check_cron(key: str, expr: str, tz: str) -> None:
     try:
-        CronTrigger.from_crontab(expr, timezone=tz)
+        cron_trigger(expr, tz)
     except ValueError as exc:
         raise ConfigError(key, f"invalid cron expression {expr!r}: {exc}") from None
 

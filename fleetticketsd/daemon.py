@@ -25,7 +25,6 @@ from typing import Any
 import asyncpg
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -36,7 +35,7 @@ from tenacity import (
 
 from . import db, logs
 from . import http as http_endpoint
-from .config import Config, ConfigError, DatasetConfig, load
+from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
 from .drain import DrainReport, Engine, drain, status
 from .metrics import Metrics
 from .source import S3Source, SourceError
@@ -124,8 +123,10 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.stopping.set()
+        # Pause, not shut down, first: APScheduler's shutdown cancels the coroutines
+        # of running jobs, and a drain must get its grace period.
         if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.pause()
         for task in self._side_tasks.values():
             task.cancel()
         running = [t for t in self._running.values() if not t.done()]
@@ -138,6 +139,8 @@ class Daemon:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=10)
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         await asyncio.gather(*self._side_tasks.values(), return_exceptions=True)
         if self._closing:
             await asyncio.wait(self._closing, timeout=10)
@@ -184,7 +187,7 @@ class Daemon:
     def _schedule(self, ds: DatasetConfig, run_now: bool) -> None:
         assert self.scheduler is not None
         cfg = self.config
-        trigger = CronTrigger.from_crontab(cfg.cron_for(ds), timezone=cfg.schedule.timezone)
+        trigger = cron_trigger(cfg.cron_for(ds), cfg.schedule.timezone)
         kwargs: dict[str, Any] = {}
         if run_now:
             # Catch up right after a deploy instead of waiting for the first cron fire.
@@ -317,7 +320,7 @@ class Daemon:
             elif tz_changed or new.cron_for(ds) != old_config.cron_for(old_ds[name]):
                 self.scheduler.reschedule_job(
                     name,
-                    trigger=CronTrigger.from_crontab(new.cron_for(ds), timezone=new.schedule.timezone),
+                    trigger=cron_trigger(new.cron_for(ds), new.schedule.timezone),
                 )
                 log.info("rescheduled", dataset=name, cron=new.cron_for(ds))
         self.metrics.config_reload_ok.set(1)

@@ -288,6 +288,7 @@ async def _apply_one(
     """Apply one file; None if it was bad (then report.blocked says whether to stop)."""
     m = engine.metrics
     late = is_late(f.key, watermark)
+    log.info("applying file", size_bytes=f.size, late=late)
     try:
         async with engine.source.open(f, engine.config.ingest.read_chunk_bytes) as chunks:
             result = await apply_file(

@@ -1,0 +1,275 @@
+"""`fleetticketsd run` as a process: probes, metrics, SIGHUP, SIGTERM, database outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleetticketsd import feedgen
+
+from .conftest import REPO, Bucket, config_dict, csv_file, inc_key, poll, row, to_toml
+
+NEVER = "0 0 1 1 *"  # a cron that will not fire during a test: only the start-up pass runs
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    config_path: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        _, body = self.get("/metrics")
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": line, "unparsed": True})
+        return out
+
+    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e for e in self.logs() if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        self.config_path.write_text(to_toml(data))
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+
+@pytest.fixture
+def start_daemon(
+    db_url: str, bucket: Bucket, tmp_path: Path
+) -> Iterator[Callable[..., tuple[Daemon, dict[str, Any]]]]:
+    started: list[Daemon] = []
+
+    def start(**overrides: Any) -> tuple[Daemon, dict[str, Any]]:
+        overrides.setdefault("schedule", {"cron": NEVER})
+        overrides.setdefault("logging", {"format": "json"})
+        daemon_cfg = {"source_check_interval_s": 0.3, "pass_retry_max_wait_s": 1.0}
+        overrides["daemon"] = {**daemon_cfg, **overrides.get("daemon", {})}
+        data = config_dict(db_url, bucket, **overrides)
+        port = int(data["server"]["listen"].rsplit(":", 1)[1])
+        config_path = tmp_path / f"config-{len(started)}.toml"
+        config_path.write_text(to_toml(data))
+        log_path = tmp_path / f"daemon-{len(started)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "RUSTFS_"))}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetticketsd", "--config", str(config_path), "run"],
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            text=True,
+        )
+        d = Daemon(proc, port, log_path, config_path)
+        started.append(d)
+        poll(lambda: d.get("/healthz")[0] == 200, what="daemon /healthz")
+        return d, data
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
+def test_drains_on_start_serves_probes_and_reports_lag(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
+) -> None:
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2")))
+    bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("T1", owner="X"), "bad,row"))
+    d, _ = start_daemon()
+    poll(lambda: d.metric("fleettickets_files_applied_total", dataset="inc") == 2, what="2 files applied")
+    assert d.metric("fleettickets_rows_upserted_total", dataset="inc") == 3
+    assert d.metric("fleettickets_rows_rejected_total", dataset="inc", reason="wrong_field_count") == 1
+    assert d.metric("fleettickets_source_lag_seconds", dataset="inc") == 0
+    assert d.metric("fleettickets_pending_files", dataset="inc") == 0
+    assert d.metric("fleettickets_dataset_blocked", dataset="inc") == 0
+    assert d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc")
+    assert d.metric("fleettickets_build_info", version="0.1.0") == 1
+    wm = d.metric("fleettickets_watermark_timestamp_seconds", dataset="inc")
+    assert wm == 1782111900.0  # 2026-06-22T10:05:00 EAT = 07:05 UTC
+    status, body = d.get("/readyz")
+    assert status == 200 and json.loads(body)["checks"] == {"config": "ok", "database": "ok", "migrations": "ok"}
+
+    # A newer file lands: the source watcher reports lag while the cron sleeps.
+    bucket.put(inc_key("2026-06-22T12-05-00.csv"), csv_file(row("T3")))
+    poll(lambda: d.metric("fleettickets_source_lag_seconds", dataset="inc") == 7200, what="lag 2 h")
+    assert d.metric("fleettickets_pending_files", dataset="inc") == 1
+    assert d.metric("fleettickets_newest_source_timestamp_seconds", dataset="inc") == wm + 7200
+
+    # Every line is JSON; every line of a pass carries its dataset, file lines their key.
+    logs = d.logs()
+    assert logs and not [e for e in logs if e.get("unparsed")]
+    applied = d.logged("file applied")
+    assert len(applied) == 2 and all(e["dataset"] == "inc" and e["key"].startswith("automations/inc/") for e in applied)
+    assert all(e.get("dataset") for e in logs if e.get("logger") == "fleetticketsd.drain")
+
+
+def test_metrics_pass_promtool_lint(start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]]) -> None:
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    d, _ = start_daemon()
+    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    _, body = d.get("/metrics")
+    lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_cron(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket
+) -> None:
+    d, data = start_daemon()
+    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    assert d.metric("fleettickets_config_last_reload_successful") == 1
+
+    d.config_path.write_text(to_toml(data) + "\n[datasets.inc\nbroken = \n")
+    d.signal(signal.SIGHUP)
+    poll(lambda: d.metric("fleettickets_config_last_reload_successful") == 0, what="reload failure")
+    assert d.proc.poll() is None and d.get("/healthz")[0] == 200
+    typo = {**data, "datasets": {**data["datasets"], "crq": {**data["datasets"]["crq"], "tabel": "x"}}}
+    d.write_config(typo)
+    d.signal(signal.SIGHUP)
+    poll(lambda: d.logged("config reload failed; keeping the running configuration", key="datasets.crq.tabel"))
+
+    # Valid: a new dataset drains at once, and a changed cron is rescheduled.
+    bucket.put("automations/new/changes/2026-06-22T10-00-00.csv", csv_file(row("N1")))
+    data["datasets"]["new"] = {"prefix": "automations/new/", "table": "tickets.newds"}
+    data["datasets"]["crq"]["cron"] = "*/7 * * * *"
+    _create_table("newds", data["database"]["url"])
+    d.write_config(data)
+    before = d.metric("fleettickets_config_last_reload_success_timestamp_seconds") or 0
+    d.signal(signal.SIGHUP)
+    poll(lambda: d.metric("fleettickets_config_last_reload_successful") == 1, what="reload ok")
+    assert (d.metric("fleettickets_config_last_reload_success_timestamp_seconds") or 0) > before
+    poll(lambda: d.metric("fleettickets_files_applied_total", dataset="new") == 1, what="new dataset drained")
+    assert d.logged("rescheduled", dataset="crq", cron="*/7 * * * *")
+
+    # Removing a dataset drops its series.
+    del data["datasets"]["new"]
+    d.write_config(data)
+    d.signal(signal.SIGHUP)
+    poll(lambda: d.metric("fleettickets_files_applied_total", dataset="new") is None, what="series removed")
+
+
+def _create_table(name: str, url: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("SELECT tickets.create_dataset_table($1)", name)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def _admin(sql: str) -> None:
+    from .conftest import PG_ADMIN_URL
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_database_outage_readyz_fails_then_pass_resumes(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
+) -> None:
+    dbname = db_url.rsplit("/", 1)[1]
+    d, _ = start_daemon(schedule={"cron": "*/2 * * * * *"}, daemon={"pass_retry_attempts": 2})
+    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    _admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
+    _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}'")
+    try:
+        status = poll(lambda: (s := d.get("/readyz"))[0] == 503 and s, what="readyz 503")
+        assert json.loads(status[1])["checks"]["database"] != "ok"
+        bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1")))
+        poll(lambda: (d.metric("fleettickets_poll_failures_total", dataset="inc", stage="apply") or 0) >= 1)
+        assert d.get("/healthz")[0] == 200  # liveness does not depend on the database
+    finally:
+        _admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
+    poll(lambda: d.get("/readyz")[0] == 200, what="readyz 200 again")
+    poll(lambda: d.metric("fleettickets_files_applied_total", dataset="inc") == 1, what="file applied")
+    assert bucket.keys("automations/inc/changes/") == []
+
+
+def _big_file(tmp_path: Path, rows: int) -> bytes:
+    spec = feedgen.FeedSpec(dataset="inc", seed=7, baseline_rows=rows, sentinel=False)
+    path = tmp_path / "big.csv"
+    with path.open("wb") as fh:
+        feedgen.write_rows(fh, spec, rows)
+    return path.read_bytes()
+
+
+async def _counts(db_url: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return (
+            await conn.fetchval("SELECT count(*) FROM tickets.inc"),
+            await conn.fetchval("SELECT count(*) FROM tickets.ingest_files"),
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("grace_s", [60.0, 0.2], ids=["finishes-in-grace", "rolled-back-after-grace"])
+def test_sigterm_during_a_large_file_is_all_or_nothing(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]],
+    bucket: Bucket,
+    db_url: str,
+    tmp_path: Path,
+    grace_s: float,
+) -> None:
+    key = inc_key("2026-06-22T10-00-00.csv")
+    bucket.put(key, _big_file(tmp_path, 150_000))
+    bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("AFTER")))
+    d, _ = start_daemon(daemon={"shutdown_grace_period_s": grace_s})
+    poll(lambda: d.logged("applying file", key=key), what="file in flight")
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(90) == 0
+    rows, files = asyncio.run(_counts(db_url))
+    if grace_s > 1:
+        assert files == 1 and rows > 50_000  # the file committed; the next one waits
+    else:
+        assert (rows, files) == (0, 0)  # cancelled: rolled back as a whole
+    assert d.logged("stopped", exit_code=0)

@@ -16,25 +16,36 @@ import asyncpg
 from . import ledger
 from .config import DatasetConfig
 from .db import qualified, quote_ident
-from .feed import BadFile, FeedParser, ParseStats, Record
+from .feed import KEPT, RECORD_COLUMNS, BadFile, FeedParser, ParseStats, Record
 
 # Rows for this file only; dropped at commit (or rollback). Created per file because
-# a dry run applies several files inside one outer transaction. raw travels as text
-# (binary COPY has no jsonb encoder) and is cast once, in the upsert.
-CREATE_INCOMING = """
-DROP TABLE IF EXISTS pg_temp.fleet_incoming;
-CREATE TEMP TABLE fleet_incoming (ticket_id text NOT NULL, raw text NOT NULL, line int NOT NULL)
-    ON COMMIT DROP
-"""
-INCOMING_COLUMNS = ("ticket_id", "raw", "line")
+# a dry run applies several files inside one outer transaction. Columns are the
+# kept feed columns as text; `raw` is assembled from them in the upsert.
+CREATE_INCOMING = (
+    "DROP TABLE IF EXISTS pg_temp.fleet_incoming;\n"
+    "CREATE TEMP TABLE fleet_incoming (line int NOT NULL, "
+    + ", ".join(f'"{c}" text' for c in KEPT)
+    + ", extras text) ON COMMIT DROP"
+)
+
+# The cleaned record as FEED.md defines it: the kept columns as given, region lower
+# case, raw_status upper case, and any extra columns the export grew. Column names
+# are the constants of feed.KEPT, not input.
+_RAW_FIELDS = ", ".join(
+    f"'{c}', " + {"region": "lower(region)", "raw_status": "upper(raw_status)"}.get(c, f'"{c}"') for c in KEPT
+)
+RAW_EXPR = f"jsonb_build_object({_RAW_FIELDS}) || coalesce(extras::jsonb, jsonb_build_object())"
 
 # The stale-write guard (CONTRACT.md semantic 4) and no dead tuples for unchanged rows:
 # a row is only rewritten by a file at least as new as the one that last wrote it,
 # and only when its content differs. Within one file the last line of a ticket wins.
 # {table} is a validated, quoted identifier (config.TABLE_RE, db.qualified).
-UPSERT = """
+UPSERT = (
+    """
 WITH src AS MATERIALIZED (
-    SELECT DISTINCT ON (ticket_id) ticket_id, raw::jsonb AS raw
+    SELECT DISTINCT ON (ticket_id) ticket_id, """
+    + RAW_EXPR
+    + """ AS raw
     FROM fleet_incoming
     ORDER BY ticket_id, line DESC
 ), up AS (
@@ -51,6 +62,7 @@ SELECT (SELECT count(*) FROM src) AS distinct_rows,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up
 """
+)
 POST_APPLY = "SELECT {function}()"
 
 
@@ -117,7 +129,7 @@ async def apply_file(
     async with conn.transaction():
         await conn.execute(CREATE_INCOMING)
         await conn.copy_records_to_table(
-            "fleet_incoming", records=_records(chunks, parser), columns=INCOMING_COLUMNS
+            "fleet_incoming", records=_records(chunks, parser), columns=RECORD_COLUMNS
         )
         stats = parser.stats
         if stats.rejects:

@@ -209,7 +209,11 @@ def test_kill_9_mid_file_then_clean_resume(
     log_path = tmp_path / "drain.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetticketsd", "drain"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log
+            [sys.executable, "-m", "fleetticketsd", "drain"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )
     poll(lambda: "applying file" in log_path.read_text(), what="drain in the middle of the file")
     proc.send_signal(signal.SIGKILL)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,7 +60,9 @@ class Daemon:
 
     def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [
-            e for e in self.logs() if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            e
+            for e in self.logs()
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
         ]
 
     def write_config(self, data: dict[str, Any]) -> None:
@@ -123,7 +126,11 @@ def test_drains_on_start_serves_probes_and_reports_lag(
     wm = d.metric("fleettickets_watermark_timestamp_seconds", dataset="inc")
     assert wm == 1782111900.0  # 2026-06-22T10:05:00 EAT = 07:05 UTC
     status, body = d.get("/readyz")
-    assert status == 200 and json.loads(body)["checks"] == {"config": "ok", "database": "ok", "migrations": "ok"}
+    assert status == 200 and json.loads(body)["checks"] == {
+        "config": "ok",
+        "database": "ok",
+        "migrations": "ok",
+    }
 
     # A newer file lands: the source watcher reports lag while the cron sleeps.
     bucket.put(inc_key("2026-06-22T12-05-00.csv"), csv_file(row("T3")))
@@ -135,7 +142,9 @@ def test_drains_on_start_serves_probes_and_reports_lag(
     logs = d.logs()
     assert logs and not [e for e in logs if e.get("unparsed")]
     applied = d.logged("file applied")
-    assert len(applied) == 2 and all(e["dataset"] == "inc" and e["key"].startswith("automations/inc/") for e in applied)
+    assert len(applied) == 2 and all(
+        e["dataset"] == "inc" and e["key"].startswith("automations/inc/") for e in applied
+    )
     assert all(e.get("dataset") for e in logs if e.get("logger") == "fleetticketsd.drain")
 
 
@@ -166,7 +175,9 @@ def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_c
     typo = {**data, "datasets": {**data["datasets"], "crq": {**data["datasets"]["crq"], "tabel": "x"}}}
     d.write_config(typo)
     d.signal(signal.SIGHUP)
-    poll(lambda: d.logged("config reload failed; keeping the running configuration", key="datasets.crq.tabel"))
+    poll(
+        lambda: d.logged("config reload failed; keeping the running configuration", key="datasets.crq.tabel")
+    )
 
     # Valid: a new dataset drains at once, and a changed cron is rescheduled.
     bucket.put("automations/new/changes/2026-06-22T10-00-00.csv", csv_file(row("N1")))
@@ -273,3 +284,48 @@ def test_sigterm_during_a_large_file_is_all_or_nothing(
     else:
         assert (rows, files) == (0, 0)  # cancelled: rolled back as a whole
     assert d.logged("stopped", exit_code=0)
+
+
+def test_a_real_prometheus_scrapes_the_daemon(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, tmp_path: Path
+) -> None:
+    import shutil
+
+    from .conftest import free_port
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus not installed (Debian package prometheus)")
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1")))
+    d, _ = start_daemon()
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: fleetticketsd\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{d.port}']\n"
+    )
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def query(q: str) -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return list(json.load(resp)["data"]["result"])
+
+        up = poll(lambda: query('up{job="fleetticketsd"} == 1'), timeout_s=60, what="prometheus scrape")
+        assert up[0]["metric"]["instance"] == f"127.0.0.1:{d.port}"
+        applied = poll(lambda: query('fleettickets_files_applied_total{dataset="inc"} == 1'), timeout_s=30)
+        assert applied[0]["value"][1] == "1"
+        assert query('fleettickets_source_lag_seconds{dataset="inc"}')[0]["value"][1] == "0"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -63,6 +63,8 @@ SELECT (SELECT count(*) FROM src) AS distinct_rows,
 FROM up
 """
 )
+# Points for the rows this file wrote (feed coordinates, gazetteer, cluster centroid).
+RESOLVE_GEO = "SELECT tickets.resolve_ticket_geo($1::regclass, $2)"
 POST_APPLY = "SELECT {function}()"
 
 
@@ -146,6 +148,7 @@ async def apply_file(
             UPSERT.format(table=qualified(dataset.table_schema, dataset.table_name)), key
         )
         assert row is not None
+        await conn.execute(RESOLVE_GEO, qualified(dataset.table_schema, dataset.table_name), key)
         for hook in dataset.post_apply:
             await conn.execute(POST_APPLY.format(function=qualified(dataset.table_schema, hook)))
         result = _result(key, etag, late, stats, row)

@@ -132,6 +132,12 @@ class IngestConfig:
     max_record_bytes: int = 16 * 1024 * 1024
     # S3 read chunk.
     read_chunk_bytes: int = 1024 * 1024
+    # Files fetched ahead of the one being applied, bounded in count and bytes; a
+    # file larger than prefetch_bytes is streamed at its turn instead.
+    prefetch_files: int = 16
+    prefetch_bytes: int = 64 * 1024 * 1024
+    # Archive moves (copy + delete) in flight behind the applies.
+    archive_concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -361,6 +367,9 @@ def _validate(config: Config) -> None:
         ("ingest.max_record_bytes", config.ingest.max_record_bytes),
         ("daemon.pass_retry_attempts", config.daemon.pass_retry_attempts),
         ("ingest.read_chunk_bytes", config.ingest.read_chunk_bytes),
+        ("ingest.prefetch_files", config.ingest.prefetch_files),
+        ("ingest.prefetch_bytes", config.ingest.prefetch_bytes),
+        ("ingest.archive_concurrency", config.ingest.archive_concurrency),
     ):
         if value <= 0:
             raise ConfigError(key, "must be greater than 0")

@@ -31,6 +31,7 @@ from .config import Config, DatasetConfig
 from .feed import BadFile, file_name, key_timestamp
 from .ledger import Blocked
 from .metrics import Metrics
+from .pipeline import Archiver, Prefetcher
 from .source import ChangeFile, S3Source, SourceError
 
 log = structlog.get_logger("fleetticketsd.drain")
@@ -217,16 +218,17 @@ async def _pass(
     known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
 
     pending: list[ChangeFile] = []
-    leftovers = 0
+    decided: list[tuple[ChangeFile, ledger.LedgerEntry]] = []
     for f in listed:
         entry = known.get((f.key, f.etag))
         if entry is None:
             pending.append(f)
-        elif not dry_run:
-            leftovers += 0 if await _finish_move(engine, dataset, f, entry) else 1
-    m.archive_pending.labels(dataset.name).set(leftovers)
+        else:
+            decided.append((f, entry))
     _observe_source(engine, dataset, listed, pending, state.watermark)
-    if not dry_run:
+    if dry_run:
+        decided = []
+    else:
         await conn.execute(
             ledger.RECORD_SOURCE_SEEN,
             dataset.name,
@@ -253,24 +255,45 @@ async def _pass(
             # Decided elsewhere (skipped and since moved): nothing blocks any more.
             await conn.execute(ledger.CLEAR_BLOCKED, dataset.name, state.blocked.key)
 
+    ingest = engine.config.ingest
+    # Files an earlier pass decided on but did not get to move (semantic 3) go first,
+    # then each file this pass applies, right after its commit.
+    decided_now = {f.key: entry for f, entry in decided}
+    archiver = Archiver(
+        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key)), ingest.archive_concurrency
+    )
+    for f, _ in decided:
+        archiver.submit(f)
+    prefetch = Prefetcher(
+        engine.source,
+        pending,
+        max_files=ingest.prefetch_files,
+        max_bytes=ingest.prefetch_bytes,
+        chunk_bytes=ingest.read_chunk_bytes,
+    )
     watermark = state.watermark
-    for done, f in enumerate(pending, start=1):
-        if stop is not None and stop.is_set():
-            log.info("stopping between files", remaining=len(pending) - done + 1)
-            return
-        with structlog.contextvars.bound_contextvars(key=f.key):
-            result = await _apply_one(engine, conn, dataset, f, watermark, report, dry_run)
-            if result is None:
-                if report.blocked is not None:
-                    return
-                continue
-            if not is_late(f.key, watermark):
-                watermark = f.key
-            report.watermark = watermark
-            if progress is not None:
-                progress(dataset, done, len(pending), result)
-            if not dry_run:
-                await _archive(engine, dataset, f)
+    try:
+        for done, f in enumerate(pending, start=1):
+            if stop is not None and stop.is_set():
+                log.info("stopping between files", remaining=len(pending) - done + 1)
+                return
+            with structlog.contextvars.bound_contextvars(key=f.key):
+                result = await _apply_one(engine, conn, dataset, f, prefetch, watermark, report, dry_run)
+                if result is None:
+                    if report.blocked is not None:
+                        return
+                    continue
+                if not is_late(f.key, watermark):
+                    watermark = f.key
+                report.watermark = watermark
+                if progress is not None:
+                    progress(dataset, done, len(pending), result)
+                if not dry_run:
+                    archiver.submit(f)
+    finally:
+        await prefetch.close()
+        archiver_failed = await archiver.wait()
+        m.archive_pending.labels(dataset.name).set(archiver_failed)
     if not dry_run:
         m.dataset_blocked.labels(dataset.name).set(0)
         _observe_source(engine, dataset, listed, [], watermark)
@@ -281,6 +304,7 @@ async def _apply_one(
     conn: asyncpg.Connection,
     dataset: DatasetConfig,
     f: ChangeFile,
+    prefetch: Prefetcher,
     watermark: str | None,
     report: DrainReport,
     dry_run: bool,
@@ -290,7 +314,7 @@ async def _apply_one(
     late = is_late(f.key, watermark)
     log.info("applying file", size_bytes=f.size, late=late)
     try:
-        async with engine.source.open(f, engine.config.ingest.read_chunk_bytes) as chunks:
+        async with prefetch.open(f) as chunks:
             result = await apply_file(
                 conn,
                 dataset,
@@ -385,12 +409,14 @@ async def _bad_file(
 
 
 async def _finish_move(
-    engine: Engine, dataset: DatasetConfig, f: ChangeFile, entry: ledger.LedgerEntry
+    engine: Engine, dataset: DatasetConfig, f: ChangeFile, entry: ledger.LedgerEntry | None
 ) -> bool:
-    """A file the ledger already decided on is still in changes/: move it, apply nothing."""
+    """Move a decided file out of changes/. ``entry`` is its ledger row if an earlier
+    pass decided it (then nothing is applied again), None if this pass applied it."""
     with structlog.contextvars.bound_contextvars(key=f.key):
-        if entry.status == "applied":
-            log.info("already applied; archiving only")
+        if entry is None or entry.status == "applied":
+            if entry is not None:
+                log.info("already applied; archiving only")
             return await _archive(engine, dataset, f)
         log.info("already set aside; back to quarantine/", status=entry.status)
         try:

@@ -1,0 +1,180 @@
+"""Correctness under pipelining: prefetch ahead and archive behind never change the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from fleetticketsd import db
+from fleetticketsd.config import Config
+from fleetticketsd.drain import Engine, drain
+from fleetticketsd.metrics import Metrics
+from fleetticketsd.source import ChangeFile, S3Source, SourceError
+
+from .conftest import REPO, Bucket, csv_file, inc_key, poll, row
+
+
+def name(i: int) -> str:
+    return f"2026-06-22T10-{i // 60:02d}-{i % 60:02d}.csv"
+
+
+@contextlib.asynccontextmanager
+async def engine_with(make_config: Callable[..., Config], **ingest: int) -> AsyncIterator[Engine]:
+    cfg = make_config(ingest={"read_chunk_bytes": 4096, **ingest})
+    pool = await db.create_pool(cfg.database)
+    try:
+        async with S3Source(cfg.s3) as source:
+            yield Engine(cfg, pool, source, Metrics())
+    finally:
+        await pool.close()
+
+
+async def test_prefetch_never_reorders_applies(
+    make_config: Callable[..., Config], bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    # Early files are big, later ones tiny: the later ones arrive first.
+    n = 30
+    for i in range(n):
+        rows = [row(f"T{j}", owner=f"file-{i}") for j in range(300 if i % 3 == 0 else 1)]
+        bucket.put(inc_key(name(i)), csv_file(*rows))
+    async with engine_with(make_config, prefetch_files=8) as engine:
+        report = await drain(engine, engine.config.dataset("inc"))
+    assert report.ok and report.files_applied == n
+    order = await conn.fetch("SELECT key FROM tickets.ingest_files ORDER BY applied_at, key")
+    assert [r["key"] for r in order] == [inc_key(name(i)) for i in range(n)]
+    # T0 is in every file: the last file's value won, so applies happened in name order.
+    assert await conn.fetchval("SELECT owner FROM tickets.inc WHERE ticket_id = 'T0'") == f"file-{n - 1}"
+    assert await conn.fetchval("SELECT owner FROM tickets.inc WHERE ticket_id = 'T299'") == "file-27"
+    assert bucket.keys("automations/inc/changes/") == []
+    assert len(bucket.keys("automations/inc/processed/")) == n
+
+
+async def test_a_file_larger_than_the_window_is_streamed(
+    make_config: Callable[..., Config], bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    bucket.put(inc_key(name(0)), csv_file(row("S")))
+    bucket.put(inc_key(name(1)), csv_file(*(row(f"B{j}") for j in range(2000))))
+    bucket.put(inc_key(name(2)), csv_file(row("S", owner="last")))
+    async with engine_with(make_config, prefetch_bytes=50_000) as engine:
+        report = await drain(engine, engine.config.dataset("inc"))
+    assert report.ok and report.files_applied == 3
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc") == 2001
+    assert await conn.fetchval("SELECT owner FROM tickets.inc WHERE ticket_id = 'S'") == "last"
+
+
+async def test_fetch_error_on_a_later_file_does_not_stop_earlier_ones(
+    make_config: Callable[..., Config],
+    bucket: Bucket,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(4):
+        bucket.put(inc_key(name(i)), csv_file(row(f"T{i}")))
+    broken = inc_key(name(2))
+    real_open = S3Source.open
+
+    @contextlib.asynccontextmanager
+    async def flaky_open(
+        self: S3Source, f: ChangeFile, chunk_bytes: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        if f.key == broken:
+            from botocore.exceptions import EndpointConnectionError
+
+            raise SourceError("get", f.key, EndpointConnectionError(endpoint_url="s3"))
+        async with real_open(self, f, chunk_bytes) as chunks:
+            yield chunks
+
+    monkeypatch.setattr(S3Source, "open", flaky_open)
+    async with engine_with(make_config) as engine:
+        report = await drain(engine, engine.config.dataset("inc"))
+        assert report.failed_stage == "fetch" and broken in (report.failed or "")
+        assert report.files_applied == 2 and report.watermark == inc_key(name(1))
+        assert await conn.fetchval("SELECT count(*) FROM tickets.inc") == 2
+        assert bucket.keys("automations/inc/changes/") == [broken, inc_key(name(3))]
+        monkeypatch.undo()
+        again = await drain(engine, engine.config.dataset("inc"))
+    assert again.ok and again.files_applied == 2
+    assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 4
+
+
+async def test_archive_failure_is_retried_next_pass_without_reapply(
+    make_config: Callable[..., Config],
+    bucket: Bucket,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(6):
+        bucket.put(inc_key(name(i)), csv_file(row(f"T{i}")))
+    real_archive = S3Source.archive
+    failing = {inc_key(name(1)), inc_key(name(4))}
+
+    async def flaky_archive(self: S3Source, dataset: object, f: ChangeFile) -> bool:
+        if f.key in failing:
+            from botocore.exceptions import EndpointConnectionError
+
+            raise SourceError("copy", f.key, EndpointConnectionError(endpoint_url="s3"))
+        return await real_archive(self, dataset, f)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S3Source, "archive", flaky_archive)
+    async with engine_with(make_config) as engine:
+        first = await drain(engine, engine.config.dataset("inc"))
+        assert first.ok and first.files_applied == 6
+        assert bucket.keys("automations/inc/changes/") == sorted(failing)
+        assert engine.metrics.archive_pending.labels("inc")._value.get() == 2
+        await conn.execute('UPDATE tickets.inc SET raw = raw || \'{"owner": "kept"}\'')
+        monkeypatch.undo()
+        second = await drain(engine, engine.config.dataset("inc"))
+        assert second.ok and second.files_applied == 0
+        assert engine.metrics.archive_pending.labels("inc")._value.get() == 0
+    assert bucket.keys("automations/inc/changes/") == []
+    assert len(bucket.keys("automations/inc/processed/")) == 6
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc WHERE owner <> 'kept'") == 0
+    assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 6
+
+
+def test_kill_during_a_pipelined_drain_then_the_next_pass_completes(
+    cli_env: Callable[..., dict[str, str]], bucket: Bucket, db_url: str, tmp_path: Path
+) -> None:
+    from .test_cli import fetch
+
+    n = 120
+    for i in range(n):
+        bucket.put(inc_key(name(i)), csv_file(*(row(f"T{i}-{j}", owner=str(i)) for j in range(50))))
+    env = cli_env(logging={"format": "json"}, ingest={"prefetch_files": 8})
+    log_path = tmp_path / "drain.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetticketsd", "drain"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    poll(lambda: log_path.read_text().count('"file applied"') >= 10, what="ten files applied")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    applied = fetch(db_url, "SELECT count(*) AS n FROM tickets.ingest_files")[0]["n"]
+    assert 10 <= applied < n
+    # Every committed file is whole: 50 rows per applied file, none of a half file.
+    assert fetch(db_url, "SELECT count(*) AS n FROM tickets.inc")[0]["n"] == 50 * applied
+    res = subprocess.run(
+        [sys.executable, "-m", "fleetticketsd", "drain", "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["datasets"]["inc"]["files_applied"] == n - applied
+    assert fetch(db_url, "SELECT count(*) AS n FROM tickets.ingest_files")[0]["n"] == n
+    assert fetch(db_url, "SELECT count(*) AS n FROM tickets.inc")[0]["n"] == 50 * n
+    assert bucket.keys("automations/inc/changes/") == []

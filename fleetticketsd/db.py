@@ -8,7 +8,6 @@ makes concurrent ``migrate`` runs (several replicas starting at once) take turns
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -111,15 +110,21 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [Migration(p.stem, p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.sql"))]
 
 
-async def pending_migrations(conn: asyncpg.Connection, available: list[Migration]) -> list[Migration]:
+async def _applied(conn: asyncpg.Connection) -> dict[str, str]:
     if not await conn.fetchval(LEDGER_EXISTS):
-        return list(available)
-    applied = {r["version"]: r["checksum"] for r in await conn.fetch(APPLIED_MIGRATIONS)}
-    for m in available:
-        if m.version in applied and applied[m.version] != m.checksum:
-            # Editing an applied migration would leave databases that differ silently.
-            print(f"warning: migration {m.version} changed after it was applied", file=sys.stderr)
+        return {}
+    return {r["version"]: r["checksum"] for r in await conn.fetch(APPLIED_MIGRATIONS)}
+
+
+async def pending_migrations(conn: asyncpg.Connection, available: list[Migration]) -> list[Migration]:
+    applied = await _applied(conn)
     return [m for m in available if m.version not in applied]
+
+
+async def changed_migrations(conn: asyncpg.Connection, available: list[Migration]) -> list[str]:
+    """Applied migrations whose file changed since: databases that differ silently."""
+    applied = await _applied(conn)
+    return [m.version for m in available if m.version in applied and applied[m.version] != m.checksum]
 
 
 async def migrate(conn: asyncpg.Connection, available: list[Migration] | None = None) -> list[str]:

@@ -206,15 +206,19 @@ async def _pass(
 ) -> None:
     m = engine.metrics
     await ledger.ensure(conn, dataset.name)
-    if reseed:
-        await conn.execute(ledger.RESEED, dataset.name)
-        log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
-    state = await ledger.state(conn, dataset.name)
-    report.watermark = state.watermark
     try:
         listed = await engine.source.list_changes(dataset)
     except SourceError as exc:
         raise DrainFailed("list", str(exc)) from exc
+    if reseed:
+        if not listed:
+            # A reseed re-applies what is under changes/; with nothing there it
+            # would only throw the ledger and the watermark away.
+            raise DrainFailed("list", f"reseed refused: nothing under {dataset.changes_prefix}")
+        await conn.execute(ledger.RESEED, dataset.name)
+        log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
+    state = await ledger.state(conn, dataset.name)
+    report.watermark = state.watermark
     known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
 
     pending: list[ChangeFile] = []

@@ -403,3 +403,18 @@ async def test_unreachable_bucket_fails_the_pass_at_list(config: Config, tmp_pat
         await pool.close()
     assert report.failed_stage == "list" and "127.0.0.1" in (report.failed or "")
     assert engine.metrics.poll_failures.labels("inc", "list")._value.get() == 1
+
+
+async def test_reseed_with_nothing_under_changes_is_refused(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1")))
+    await drain(engine, engine.config.dataset("inc"))
+    report = await drain(engine, engine.config.dataset("inc"), reseed=True)
+    assert report.failed is not None and "reseed refused" in report.failed
+    assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 1
+    assert report.watermark is None or report.watermark.endswith("10-00-00.csv")
+    wm = await conn.fetchval(
+        "SELECT metadata->>'source_max_key' FROM tickets.import_meta WHERE dataset='inc'"
+    )
+    assert wm == inc_key("2026-06-22T10-00-00.csv")

@@ -176,6 +176,8 @@ async def drain(
         if report.failed:
             engine.metrics.poll_failures.labels(dataset.name, report.failed_stage or "apply").inc()
             log.error("drain pass failed", stage=report.failed_stage, error=report.failed)
+        if not dry_run and not report.locked:
+            await _record_pass(engine, report)
         elapsed = time.monotonic() - started
         if not dry_run and not report.locked:
             engine.metrics.poll_duration.labels(dataset.name).observe(elapsed)
@@ -192,6 +194,19 @@ async def drain(
             seconds=round(elapsed, 3),
         )
     return report
+
+
+async def _record_pass(engine: Engine, report: DrainReport) -> None:
+    if report.failed:
+        outcome = f"failed at {report.failed_stage}: {report.failed}"
+    elif report.blocked:
+        outcome = f"blocked at {file_name(report.blocked.key)}"
+    else:
+        outcome = "ok"
+    # Best effort: when the database is what failed, there is nowhere to write this.
+    with contextlib.suppress(*DB_ERRORS):
+        async with engine.pool.acquire() as conn:
+            await conn.execute(ledger.RECORD_PASS, report.dataset, outcome[:500], report.files_applied)
 
 
 async def _pass(
@@ -471,15 +486,17 @@ def _observe_source(
 # --- status ----------------------------------------------------------------------------
 
 
-async def status(engine: Engine, dataset: DatasetConfig) -> dict[str, Any]:
-    """What `status` prints for one dataset; also refreshes the source gauges."""
+async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False) -> dict[str, Any]:
+    """What `status --json` prints for one dataset (CONTRACT.md: exactly these keys);
+    ``detailed`` adds what the terminal view shows beside them. Also refreshes the
+    source gauges."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
         listed = await engine.source.list_changes(dataset)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
     pending = [f for f in listed if (f.key, f.etag) not in known]
     _observe_source(engine, dataset, listed, pending, state.watermark)
-    return {
+    out: dict[str, Any] = {
         "watermark": state.watermark,
         "newest_key": listed[-1].key if listed else None,
         "pending_files": len(pending),
@@ -487,3 +504,9 @@ async def status(engine: Engine, dataset: DatasetConfig) -> dict[str, Any]:
         "blocked": state.blocked.as_json() if state.blocked else None,
         "last_applied_at": state.last_applied_at.isoformat() if state.last_applied_at else None,
     }
+    if detailed:
+        wm_ts = key_timestamp(state.watermark) if state.watermark else None
+        out["watermark_age_seconds"] = (datetime.now(UTC) - wm_ts).total_seconds() if wm_ts else None
+        out["last_pass_at"] = state.metadata.get("last_pass_at")
+        out["last_pass_outcome"] = state.metadata.get("last_pass_outcome")
+    return out

@@ -72,6 +72,14 @@ SET metadata = metadata || jsonb_build_object(
     updated_at = now()
 WHERE dataset = $1
 """
+# How the last pass ended, for `status` on a terminal and for dashboards.
+RECORD_PASS = """
+UPDATE tickets.import_meta
+SET metadata = metadata || jsonb_build_object(
+        'last_pass_at', now(), 'last_pass_outcome', $2::text, 'last_pass_files', $3::int),
+    updated_at = now()
+WHERE dataset = $1
+"""
 RESEED = """
 WITH gone AS (DELETE FROM tickets.ingest_files WHERE dataset = $1)
 UPDATE tickets.import_meta

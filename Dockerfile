@@ -29,9 +29,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="fleetticketsd" \
       org.opencontainers.image.description="Keeps PostgreSQL/PostGIS in step with the field-ops ticket change streams in S3"
 
-# Feed file names and cron schedules are in EAT; logs in local time make them
-# line up with the file names operators see in the bucket. The slim image
-# ships tzdata, so setting TZ is enough.
+# Feed file names and cron schedules are in EAT, so a shell in the container
+# (`date`, psql's now()) shows the same clock as the bucket's names. Log lines
+# stay UTC (ISO 8601 with Z) on purpose: log pipelines expect that.
 ENV TZ=Africa/Nairobi \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -56,6 +56,7 @@ EXPOSE 9464
 # a healthy daemon restarted. No curl in slim; urlopen raises (exit 1) on any
 # non-2xx answer or connection error. One-shot commands (migrate, drain, ...)
 # should disable this check where they run (see docker-compose.yml).
+# Port 9464 is [server] listen's default; change both together.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4)"]
 

@@ -76,7 +76,9 @@ WHERE dataset = $1
 RECORD_PASS = """
 UPDATE tickets.import_meta
 SET metadata = metadata || jsonb_build_object(
-        'last_pass_at', now(), 'last_pass_outcome', $2::text, 'last_pass_files', $3::int),
+        'last_pass_at', now(), 'last_pass_outcome', $2::text, 'last_pass_files', $3::int)
+        || CASE WHEN $2::text = 'ok' THEN jsonb_build_object('last_success_at', now())
+                ELSE jsonb_build_object() END,
     updated_at = now()
 WHERE dataset = $1
 """
@@ -87,6 +89,12 @@ SET metadata = metadata - 'source_max_key',
     blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_at = NULL,
     updated_at = now()
 WHERE dataset = $1
+"""
+# Where a restarted daemon picks up "last successful pass" from, so the
+# no-successful-pass alert keeps counting across restarts.
+LAST_SUCCESS = """
+SELECT dataset, (metadata->>'last_success_at')::timestamptz AS at
+FROM tickets.import_meta WHERE metadata ? 'last_success_at'
 """
 TRY_DATASET_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
 DATASET_LOCK = "SELECT pg_advisory_lock($1, hashtext($2))"

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_
 from .drain import DrainReport, Engine, drain, status
 from .metrics import Metrics
 from .source import S3Source, SourceError
+from .terminal import DrainProgress, render_status
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--reason", required=True)
 
     sub.add_parser("check-config", help="validate the configuration and print it, secrets redacted")
+
+    # --- geocoding (issue 4) ---
+    g = sub.add_parser("geocode", help="one geocoding pass (clusters, then locations), then exit")
+    g.add_argument("--clusters", action="store_true", help="only cluster centroids")
+    g.add_argument("--locations", action="store_true", help="only locations (of clusters already known)")
+    g.add_argument("--limit", type=int, metavar="N", help="send at most N requests")
+    g.add_argument("--json", action="store_true")
+    gz = sub.add_parser("gazetteer", help="operators' corrections to the gazetteer")
+    gz_sub = gz.add_subparsers(dest="gazetteer_command", required=True, metavar="ACTION")
+    gs = gz_sub.add_parser("set", help="set CLUSTER [LOCATION] to LAT LON, verified; tickets follow")
+    gs.add_argument("values", nargs="+", metavar="CLUSTER [LOCATION] LAT LON")
     return p
 
 
@@ -142,6 +154,9 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     try:
         async with pool.acquire() as conn:
             available = db.load_migrations()
+            for version in await db.changed_migrations(conn, available):
+                # Editing an applied migration leaves databases that differ silently.
+                print(f"warning: migration {version} changed after it was applied", file=sys.stderr)
             if args.check:
                 pending = await db.pending_migrations(conn, available)
                 for m in pending:
@@ -160,12 +175,19 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_drain(config: Config, args: argparse.Namespace) -> int:
+    if args.reseed and not args.dataset:
+        # Forgetting every dataset's ledger at once is never what a cutover of one needs.
+        raise CommandError("--reseed needs --dataset NAME (one per dataset to reseed)", EXIT_CONFIG)
     datasets = _datasets(config, args.dataset)
     async with engine_for(config) as engine:
         await _check_datasets(engine, datasets)
         reports: list[DrainReport] = []
+        # Progress only for a person watching: logs and --json stay clean otherwise.
+        progress = DrainProgress() if sys.stderr.isatty() and not args.json else None
         for ds in datasets:
-            reports.append(await drain(engine, ds, dry_run=args.dry_run, reseed=args.reseed))
+            reports.append(
+                await drain(engine, ds, dry_run=args.dry_run, reseed=args.reseed, progress=progress)
+            )
     if args.json:
         print(json.dumps({"datasets": {r.dataset: r.as_json() for r in reports}}))
     else:
@@ -199,18 +221,13 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
         out: dict[str, Any] = {}
         for ds in config.enabled_datasets:
             try:
-                out[ds.name] = await status(engine, ds)
+                out[ds.name] = await status(engine, ds, detailed=not args.json)
             except SourceError as exc:
                 raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps({"datasets": out}))
         return EXIT_OK
-    for name, st in out.items():
-        print(f"{name}:")
-        for k, v in st.items():
-            if k == "blocked" and v:
-                v = f"{v['key']} ({v['reason']})"
-            print(f"  {k:16} {v if v is not None else '-'}")
+    print(render_status(out))
     return EXIT_OK
 
 
@@ -269,7 +286,72 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- geocoding (issue 4) ---------------------------------------------------------------
+
+
+async def cmd_geocode(config: Config, args: argparse.Namespace) -> int:
+    from .geocode import Geocoder
+
+    if args.limit is not None and args.limit < 0:
+        raise CommandError("--limit must not be negative", EXIT_CONFIG)
+    both = args.clusters == args.locations
+    try:
+        pool = await db.create_pool(config.database)
+    except db.DatabaseError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        async with pool.acquire() as conn:
+            if await db.pending_migrations(conn, db.load_migrations()):
+                raise CommandError("database schema is behind: run `fleetticketsd migrate`")
+        async with Geocoder(config.geocoder, pool, Metrics()) as geocoder:
+            report = await geocoder.run_pass(
+                clusters=both or args.clusters, locations=both or args.locations, limit=args.limit
+            )
+            remaining = await geocoder.budget_remaining()
+    finally:
+        await pool.close()
+    if args.json:
+        print(json.dumps({**report.as_json(), "budget_remaining": remaining}))
+    else:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report.outcomes.items())) or "none"
+        print(
+            f"geocode: {report.requests} request(s) ({outcomes}), {report.cache_hits} cached, "
+            f"{report.left} left in queue, budget remaining today {remaining}"
+            + (f"; stopped: {report.stopped}" if report.stopped else "")
+        )
+    return EXIT_OK
+
+
+async def cmd_gazetteer(config: Config, args: argparse.Namespace) -> int:
+    from .geocode import set_gazetteer
+
+    values = args.values
+    if len(values) not in (3, 4):
+        raise CommandError("usage: gazetteer set CLUSTER [LOCATION] LAT LON", EXIT_CONFIG)
+    try:
+        lat, lon = float(values[-2]), float(values[-1])
+    except ValueError:
+        raise CommandError(f"LAT LON must be numbers: {values[-2]!r} {values[-1]!r}", EXIT_CONFIG) from None
+    cluster, location = values[0], (values[1] if len(values) == 4 else None)
+    try:
+        pool = await db.create_pool(config.database)
+    except db.DatabaseError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        async with pool.acquire() as conn:
+            clean, count = await set_gazetteer(conn, cluster, location, lat, lon)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
+    finally:
+        await pool.close()
+    what = f"{cluster} / {clean}" if clean else cluster
+    print(f"{what}: set to {lat}, {lon} (verified); {count} ticket(s) now use it")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Any] = {
+    "geocode": cmd_geocode,
+    "gazetteer": cmd_gazetteer,
     "migrate": cmd_migrate,
     "drain": cmd_drain,
     "status": cmd_status,

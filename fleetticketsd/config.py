@@ -121,6 +121,17 @@ class GeocoderConfig:
     max_distance_km: float = 25.0
     country_codes: str = "ke"
     timeout_s: float = 10.0
+    # --- geocoding worker (issue 4); beyond the contract keys above ---
+    # Added to every query for context; country_codes already restricts the search.
+    country_name: str = "Kenya"
+    # A place the provider does not know is not asked again for this long.
+    no_match_retry_days: float = 30.0
+    # A request that still fails (5xx, timeout) after a few tries waits this long.
+    error_retry_s: float = 3600.0
+    # Besides after every drain pass, the worker looks for work this often.
+    refill_interval_s: float = 300.0
+    # Nominatim's usage policy asks for an identifying User-Agent.
+    user_agent: str = "fleetticketsd (FTTH ticket geocoder)"
     api_key: str | None = field(default=None, repr=False)
 
 
@@ -362,6 +373,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("server.listen", f"must be HOST:PORT, got {config.server.listen!r}")
     for key, value in (
         ("geocoder.rate_per_second", config.geocoder.rate_per_second),
+        ("geocoder.max_distance_km", config.geocoder.max_distance_km),
+        ("geocoder.timeout_s", config.geocoder.timeout_s),
+        ("geocoder.refill_interval_s", config.geocoder.refill_interval_s),
         ("daemon.shutdown_grace_period_s", config.daemon.shutdown_grace_period_s),
         ("daemon.source_check_interval_s", config.daemon.source_check_interval_s),
         ("ingest.max_record_bytes", config.ingest.max_record_bytes),
@@ -375,6 +389,12 @@ def _validate(config: Config) -> None:
             raise ConfigError(key, "must be greater than 0")
     if config.geocoder.daily_budget < 0:
         raise ConfigError("geocoder.daily_budget", "must not be negative")
+    for key, value in (
+        ("geocoder.no_match_retry_days", config.geocoder.no_match_retry_days),
+        ("geocoder.error_retry_s", config.geocoder.error_retry_s),
+    ):
+        if value < 0:
+            raise ConfigError(key, "must not be negative")
 
 
 def cron_trigger(expr: str, tz: str) -> CronTrigger:

@@ -37,6 +37,7 @@ from . import db, logs
 from . import http as http_endpoint
 from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
 from .drain import DrainReport, Engine, drain, status
+from .geocode import Geocoder
 from .metrics import Metrics
 from .source import S3Source, SourceError
 
@@ -60,6 +61,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._side_tasks: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.geocoder: Geocoder | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -92,6 +94,15 @@ class Daemon:
                 "source-watcher": asyncio.create_task(self._watch_source(), name="source-watcher"),
                 "reloader": asyncio.create_task(self._reloader(), name="reloader"),
             }
+            if self.config.geocoder.enabled:
+                # Geocoding (issue 4): a side task over the current engine's pool (a reload
+                # may replace it). It refills its queue from the database at start-up and
+                # after each drain pass (see _drain_job), not per file: drain.py stays
+                # untouched, and one refill query covers every file the pass applied.
+                self.geocoder = Geocoder(self.config.geocoder, self._geocoder_pool, self.metrics)
+                self._side_tasks["geocoder"] = asyncio.create_task(
+                    self.geocoder.run(self.stopping), name="geocoder"
+                )
             exit_code = await self._monitor()
         finally:
             await self._shutdown()
@@ -221,6 +232,8 @@ class Daemon:
             self.metrics.poll_failures.labels(name, "apply").inc()
         finally:
             self._running.pop(name, None)
+            if self.geocoder is not None:
+                self.geocoder.notify()  # new tickets may need places
 
     async def _drain_with_retries(self, name: str) -> DrainReport | None:
         cfg = self.config.daemon
@@ -323,6 +336,10 @@ class Daemon:
                     trigger=cron_trigger(new.cron_for(ds), new.schedule.timezone),
                 )
                 log.info("rescheduled", dataset=name, cron=new.cron_for(ds))
+        if new.geocoder.enabled != old_config.geocoder.enabled:
+            log.warning("geocoder.enabled changed: takes effect on restart", enabled=new.geocoder.enabled)
+        if self.geocoder is not None and new.geocoder != old_config.geocoder:
+            self.geocoder.reconfigure(new.geocoder)  # rate, budget, distance: from the next request
         self.metrics.config_reload_ok.set(1)
         self.metrics.config_reload_ts.set(time.time())
         log.info("configuration reloaded", datasets=sorted(new_ds))
@@ -332,6 +349,10 @@ class Daemon:
         if running:
             await asyncio.wait(running)
         await self._close_engine(old, new)
+
+    def _geocoder_pool(self) -> asyncpg.Pool:
+        assert self.engine is not None
+        return self.engine.pool
 
     # --- probes ----------------------------------------------------------------------------
 

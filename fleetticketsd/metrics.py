@@ -92,6 +92,16 @@ class Metrics:
         self.geocode_budget_remaining = Gauge(
             "fleettickets_geocode_budget_remaining", "Requests left in today's budget", registry=r
         )
+        # Ours (issue 4): why the geocoder is not sending, so an idle worker explains itself.
+        self.geocode_stopped = Gauge(
+            "fleettickets_geocode_stopped",
+            "1 while geocoding is paused: auth (key refused), budget (daily cap), day_limit (provider quota)",
+            ("reason",),
+            registry=r,
+        )
+        self.geocode_cache_hits = Counter(
+            "fleettickets_geocode_cache_hits", "Queued places found already cached: no request", registry=r
+        )
         self.config_reload_ok = Gauge(
             "fleettickets_config_last_reload_successful",
             "1 if the last SIGHUP reload succeeded",

@@ -56,7 +56,11 @@ def test_drain_json_and_status_json(cli_env: Callable[..., dict[str, str]], buck
     assert s["pending_files"] == 1 and s["lag_seconds"] == 7200 and s["blocked"] is None
     assert s["last_applied_at"].startswith("20")
     human = run_cli("status", env=env)
-    assert human.returncode == 0 and "pending_files" in human.stdout
+    assert human.returncode == 0, human.stderr
+    import re
+
+    assert re.search(r"pending files\s+1\n", human.stdout) and re.search(r"lag\s+2\.0h\n", human.stdout)
+    assert "last pass" in human.stdout and ", ok" in human.stdout
 
 
 def test_drain_exit_1_when_blocked_skip_unblocks(
@@ -227,3 +231,40 @@ def test_kill_9_mid_file_then_clean_resume(
     assert json.loads(res.stdout)["datasets"]["inc"]["files_applied"] == 2
     assert fetch(db_url, "SELECT count(*) AS n FROM tickets.ingest_files")[0]["n"] == 2
     assert bucket.keys("automations/inc/changes/") == []
+
+
+def test_drain_shows_progress_only_on_a_terminal(
+    cli_env: Callable[..., dict[str, str]], bucket: Bucket
+) -> None:
+    import os
+    import pty
+
+    env = cli_env(logging={"level": "warning"})
+    for i in range(3):
+        bucket.put(inc_key(f"2026-06-22T10-00-0{i}.csv"), csv_file(row(f"T{i}")))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetticketsd", "drain"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    out, _ = proc.communicate(timeout=60)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"inc: 3/3 files, 3 rows" in shown and b"rows/s" in shown
+    assert b"rows/s" not in out  # stdout keeps the result only
+    bucket.put(inc_key("2026-06-22T11-00-00.csv"), csv_file(row("T9")))
+    piped = run_cli("drain", env=env)
+    assert piped.returncode == 0 and "rows/s" not in piped.stderr + piped.stdout

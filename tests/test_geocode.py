@@ -1,0 +1,501 @@
+"""The geocoding worker against a fake provider on loopback and the real PostgreSQL.
+
+What the operators rely on: the configured rate is never exceeded (and so provokes no
+429), the daily budget holds across restarts and resumes after 00:00 UTC, a
+wrong-city answer never places a ticket, a cached place costs no request, a verified
+row is never overwritten, and every actionable ticket ends with a point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import generate_latest
+
+from fleetticketsd import db
+from fleetticketsd.config import Config, GeocoderConfig
+from fleetticketsd.drain import Engine, drain
+from fleetticketsd.geocode import Geocoder
+from fleetticketsd.metrics import Metrics
+
+from . import fake_geocoder as fg
+from .conftest import SAMPLE, Bucket, apoll, inc_key, run_cli
+from .test_daemon import start_daemon  # noqa: F401 - a fixture, shared
+from .test_geocode_sql import raw, upsert, where
+
+KEY1 = "automations/inc/changes/2026-06-22T15-50-39.csv"
+
+
+class Clock:
+    """An injected UTC clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def fake() -> Iterator[fg.FakeGeocoder]:
+    server = fg.FakeGeocoder(places={"Kilimani": fg.KILIMANI}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pool(db_url: str, config: Config) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(config.database)
+    yield p
+    await p.close()
+
+
+def geo(fake: fg.FakeGeocoder, **values: Any) -> GeocoderConfig:
+    base = GeocoderConfig(
+        enabled=True, provider="locationiq", base_url=fake.url, rate_per_second=20.0, api_key=fg.KEY
+    )
+    return dataclasses.replace(base, **values)
+
+
+def worker(
+    cfg: GeocoderConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] | None = None, **kw: Any
+) -> Geocoder:
+    extra: dict[str, Any] = {"clock": clock} if clock else {}
+    return Geocoder(cfg, pool, kw.pop("metrics", None) or Metrics(), clock_check_s=0.02, **extra, **kw)
+
+
+async def tickets(conn: asyncpg.Connection, *specs: tuple[str, str, str]) -> None:
+    for tid, cluster, location in specs:
+        await upsert(conn, tid, KEY1, **raw(cluster, location))
+
+
+def metric(m: Metrics, name: str, **labels: str) -> float:
+    value = m.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# --- the rate limit ---------------------------------------------------------------------
+
+
+async def test_requests_are_evenly_spaced_at_the_configured_rate_and_provoke_no_429(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    rate = 5  # the provider allows 5 per second; so do we
+    fake.per_second = rate
+    fake.default_point = True
+    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(14)])
+    async with worker(geo(fake, rate_per_second=float(rate)), pool) as w:
+        report = await w.run_pass()
+    assert report.requests == 15 and report.outcomes == {"ok": 15}
+    assert fake.statuses() == {200: 15}  # not a single 429
+    arrivals = fake.arrivals()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.9 / rate, gaps  # evenly spaced, no burst
+    in_any_second = max(sum(1 for t in arrivals if s <= t < s + 1.0) for s in arrivals)
+    assert in_any_second <= rate + 1  # a window closed at both ends may catch one more
+    assert (arrivals[-1] - arrivals[0]) >= (len(arrivals) - 1) / rate * 0.95
+
+
+async def test_the_fake_does_punish_a_burst(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Control: AsyncLimiter(rate, 1) allows bursts, and this provider answers them with 429."""
+    from aiolimiter import AsyncLimiter
+
+    fake.per_second = 5
+    fake.default_point = True
+    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(9)])
+    async with worker(geo(fake, rate_per_second=5.0), pool) as w:
+        w.limiter = AsyncLimiter(5, 1)
+        report = await w.run_pass()
+    assert fake.statuses()[429] > 0
+    assert report.outcomes["rate_limited"] > 0
+
+
+# --- the daily budget ---------------------------------------------------------------------
+
+
+async def test_daily_budget_stops_at_the_cap_and_resumes_after_utc_midnight(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.default_point = True
+    # One cluster and five locations: six requests, two days at three a day.
+    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(5)])
+    clock = Clock(datetime(2026, 6, 22, 23, 59, 0, tzinfo=UTC))
+    cfg = geo(fake, daily_budget=3)
+    metrics = Metrics()
+    stop = asyncio.Event()
+    w = worker(cfg, pool, clock, metrics=metrics)
+    task = asyncio.create_task(w.run(stop))
+    try:
+        await apoll(lambda: w.stopped == "budget", what="worker paused on the budget")
+        assert len(fake.requests) == 3
+        assert metric(metrics, "fleettickets_geocode_budget_remaining") == 0
+        assert metric(metrics, "fleettickets_geocode_stopped", reason="budget") == 1
+        # A restart on the same day does not get a fresh budget: it is counted in PostgreSQL.
+        async with worker(cfg, pool, clock) as second:
+            report = await second.run_pass()
+        assert report.stopped == "budget" and report.requests == 0 and len(fake.requests) == 3
+        await asyncio.sleep(0.2)
+        assert len(fake.requests) == 3  # still waiting for midnight
+        clock.now = datetime(2026, 6, 23, 0, 0, 1, tzinfo=UTC)
+        await apoll(lambda: len(fake.requests) == 6, what="the rest after midnight")
+        await apoll(lambda: w.queue.empty() and w.stopped is None, what="queue done")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    days = await conn.fetch("SELECT day, requests FROM tickets.geo_budget ORDER BY day")
+    assert [(str(r["day"]), r["requests"]) for r in days] == [("2026-06-22", 3), ("2026-06-23", 3)]
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc WHERE geo_source = 'location'") == 5
+    assert len(fake.requests) == 6
+
+
+async def test_rate_limited_day_stops_until_midnight(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.default_point = True
+    fake.per_day = 2
+    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(4)])
+    clock = Clock(datetime(2026, 6, 22, 12, 0, tzinfo=UTC))
+    async with worker(geo(fake), pool, clock) as w:
+        report = await w.run_pass()
+        assert report.stopped == "day_limit" and report.outcomes == {"ok": 2, "day_limit": 1}
+        # The provider said the day is over: no more requests today, even from a new pass.
+        again = await w.run_pass()
+        assert again.requests == 0 and again.stopped == "budget"
+    assert len(fake.requests) == 3
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+async def test_wrong_city_answer_is_rejected_and_the_ticket_gets_the_cluster_centroid(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.places.update({"Mombasa Rd": fg.MOMBASA, "Jogoo Rd": fg.JOGOO_KILIMANI})
+    await tickets(
+        conn,
+        ("INC1", "Kilimani", "NW_KILIMANI_Mombasa Rd FDT10"),
+        ("INC2", "Kilimani", "NW_KILIMANI_Jogoo Rd FDT1"),
+    )
+    metrics = Metrics()
+    async with worker(geo(fake, max_distance_km=25.0), pool, metrics=metrics) as w:
+        await w.run_pass()
+    assert fake.queries() == [
+        "Kilimani, Nairobi, Kenya",  # the centroid first: the guard's reference
+        "Jogoo Rd, Kilimani, Nairobi, Kenya",
+        "Mombasa Rd, Kilimani, Nairobi, Kenya",
+    ]
+    rows = {
+        r["location"]: r
+        for r in await conn.fetch("SELECT location, status, distance_km FROM tickets.geo_locations")
+    }
+    assert rows["Mombasa Rd"]["status"] == "rejected_distance" and rows["Mombasa Rd"]["distance_km"] > 400
+    assert rows["Jogoo Rd"]["status"] == "ok" and rows["Jogoo Rd"]["distance_km"] < 1
+    assert await where(conn, "INC1") == ("cluster", -1.2921, 36.7856)
+    assert await where(conn, "INC2") == ("location", -1.295, 36.79)
+    assert (
+        metric(
+            metrics, "fleettickets_geocode_requests_total", provider="locationiq", outcome="rejected_distance"
+        )
+        == 1
+    )
+    assert metric(metrics, "fleettickets_geocode_requests_total", provider="locationiq", outcome="ok") == 2
+
+
+async def test_a_cached_place_sends_no_request(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.places["Jogoo Rd"] = fg.JOGOO_KILIMANI
+    # Three raw names, one place: one request for it.
+    await tickets(
+        conn,
+        ("INC1", "Kilimani", "NW_KILIMANI_Jogoo Rd FDT1"),
+        ("INC2", "Kilimani", "SDUS KILIMANI_Jogoo Rd FDT21"),
+        ("INC3", "Kilimani", 'ADR_MNT_KILIMANI_Jogoo Rd FDT7 (opp. "Naivas")'),
+    )
+    async with worker(geo(fake), pool) as w:
+        first = await w.run_pass()
+    assert first.requests == 2
+    # New tickets at cached places, a second pass: nothing is asked again.
+    await tickets(conn, ("INC4", "Kilimani", "NW_ADR_MNT_KILIMANI_Jogoo Rd FDT30"))
+    assert await where(conn, "INC4") == ("location", -1.295, 36.79)  # resolved at upsert
+    async with worker(geo(fake), pool) as w:
+        second = await w.run_pass()
+        assert second.requests == 0 and second.queued == 0
+        # Even a place already queued is checked against the cache before it is asked.
+        w._put(1, "Kilimani", "Jogoo Rd", "Jogoo Rd, Kilimani, Nairobi, Kenya")
+        third = await w.run_pass()
+        assert third.requests == 0 and third.cache_hits == 1
+    assert len(fake.requests) == 2
+
+
+async def test_no_match_is_cached_and_asked_again_only_after_the_retry_period(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await tickets(conn, ("INC1", "Kilimani", "NW_KILIMANI_Nowhere Lane FDT1"))
+    clock = Clock(datetime(2026, 6, 22, 12, 0, tzinfo=UTC))
+    cfg = geo(fake, no_match_retry_days=7.0)
+    async with worker(cfg, pool, clock) as w:
+        assert (await w.run_pass()).outcomes == {"ok": 1, "no_match": 1}
+        assert await where(conn, "INC1") == ("cluster", -1.2921, 36.7856)
+        clock.now += timedelta(days=6)
+        assert (await w.run_pass()).requests == 0
+        clock.now += timedelta(days=2)
+        fake.places["Nowhere Lane"] = fg.JOGOO_KILIMANI  # the map got better meanwhile
+        assert (await w.run_pass()).outcomes == {"ok": 1}
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+
+
+async def test_5xx_backs_off_honouring_retry_after_then_succeeds(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.fail_first["Kilimani"] = 2
+    fake.retry_after_s = 0.3
+    await tickets(conn, ("INC1", "Kilimani", "NW_KILIMANI"))
+    async with worker(geo(fake), pool) as w:
+        report = await w.run_pass()
+    assert report.outcomes == {"error": 2, "ok": 1}
+    arrivals = fake.arrivals()
+    assert arrivals[1] - arrivals[0] >= 0.28 and arrivals[2] - arrivals[1] >= 0.28
+    assert await where(conn, "INC1") == ("cluster", -1.2921, 36.7856)
+
+
+async def test_a_place_that_keeps_failing_is_stored_as_error_and_the_rest_go_on(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.places.update({"Slow Rd": fg.JOGOO_KILIMANI, "Jogoo Rd": fg.JOGOO_KILIMANI})
+    fake.slow["Slow Rd"] = 1.0
+    await tickets(
+        conn, ("INC1", "Kilimani", "KILIMANI_Slow Rd FDT1"), ("INC2", "Kilimani", "KILIMANI_Jogoo Rd FDT1")
+    )
+    clock = Clock(datetime(2026, 6, 22, 12, 0, tzinfo=UTC))
+    async with worker(geo(fake, timeout_s=0.2, error_retry_s=600.0), pool, clock) as w:
+        report = await w.run_pass()
+        assert report.outcomes == {"ok": 2, "error": 3}
+        row = await conn.fetchrow(
+            "SELECT status, retry_at, last_error FROM tickets.geo_locations WHERE location = 'Slow Rd'"
+        )
+        assert row is not None and row["status"] == "error" and "timeout" in row["last_error"]
+        assert row["retry_at"] == clock.now + timedelta(seconds=600)
+        assert await where(conn, "INC2") == ("location", -1.295, 36.79)
+        assert await where(conn, "INC1") == ("cluster", -1.2921, 36.7856)
+        assert (await w.run_pass()).requests == 0  # not before retry_at
+        clock.now += timedelta(seconds=601)
+        fake.slow.clear()
+        assert (await w.run_pass()).outcomes == {"ok": 1}
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+
+
+async def test_a_refused_key_stops_the_worker_loudly_without_retrying(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await tickets(
+        conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"), ("INC2", "Westlands", "WESTLANDS_Jogoo Rd FDT1")
+    )
+    metrics = Metrics()
+    stop = asyncio.Event()
+    w = worker(geo(fake, api_key="wrong"), pool, metrics=metrics)
+    task = asyncio.create_task(w.run(stop))
+    try:
+        await apoll(lambda: w.stopped == "auth", what="auth stop")
+        w.notify()  # a drain pass later: still nothing sent
+        await asyncio.sleep(0.2)
+        assert len(fake.requests) == 1 and fake.statuses() == {401: 1}
+        assert metric(metrics, "fleettickets_geocode_stopped", reason="auth") == 1
+        assert not task.done()  # the daemon stays up; readiness does not depend on it
+        # A reload (SIGHUP) with a good key resumes.
+        w.reconfigure(dataclasses.replace(w.config, api_key=fg.KEY))
+        await apoll(lambda: fake.statuses()[200] >= 1, what="resumed")
+        assert metric(metrics, "fleettickets_geocode_stopped", reason="auth") == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+async def test_a_restart_resumes_the_queue_from_the_database(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    fake.default_point = True
+    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(5)])
+    async with worker(geo(fake), pool) as first:
+        report = await first.run_pass(limit=3)
+    assert report.stopped == "limit" and report.left == 3
+    # The process dies with three places queued in memory; a new one finds them again.
+    async with worker(geo(fake), pool) as second:
+        report = await second.run_pass()
+    assert report.requests == 3 and report.left == 0
+    queries = fake.queries()
+    assert len(queries) == 6 and len(set(queries)) == 6  # everything once, nothing twice
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc WHERE geom IS NULL") == 0
+
+
+async def test_a_verified_row_survives_a_geocode_pass(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    from fleetticketsd.geocode import set_gazetteer
+
+    fake.places["Jogoo Rd"] = fg.MOMBASA  # the provider would say something else
+    await tickets(conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+    await set_gazetteer(conn, "Kilimani", "Jogoo Rd", -1.3, 36.8)
+    # Even if it were asked (retry time passed, status not ok), the store would not overwrite it.
+    await conn.execute(
+        "UPDATE tickets.geo_locations SET status = 'no_match', retry_at = now() - interval '1 day'"
+    )
+    async with worker(geo(fake), pool) as w:
+        report = await w.run_pass()
+    assert fake.queries() == ["Kilimani, Nairobi, Kenya"]
+    assert report.requests == 1
+    async with worker(geo(fake), pool) as w:
+        from fleetticketsd.geocode import Job
+        from fleetticketsd.providers import Answer
+
+        await w._store(Job(1, 0, "Kilimani", "Jogoo Rd", "q"), Answer("ok", lat=-4.0, lon=39.6))
+    row = await conn.fetchrow("SELECT verified, ST_Y(geom) AS lat FROM tickets.geo_locations")
+    assert row is not None and row["verified"] and row["lat"] == -1.3
+
+
+async def test_every_actionable_sample_ticket_ends_with_a_point(
+    fake: fg.FakeGeocoder, engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    for path in sorted((SAMPLE / "inc" / "changes").glob("*.csv")):
+        bucket.put(inc_key(path.name), path.read_bytes())
+    assert (await drain(engine, engine.config.dataset("inc"))).ok
+    fake.default_point = True
+    fake.places["Kamakis"] = None  # some places are unknown: their tickets use the centroid
+    async with worker(geo(fake, rate_per_second=50.0), engine.pool) as w:
+        report = await w.run_pass()
+    assert report.stopped is None and report.left == 0
+    assert "Quarry Road, Nairobi, Kenya" in fake.queries()  # the alias, not the code
+    missing = await conn.fetchval(
+        "SELECT count(*) FROM tickets.inc WHERE is_actionable AND closed_at IS NULL "
+        "AND coalesce(normalized_status, '') <> 'closed' AND geom IS NULL"
+    )
+    assert missing == 0
+    by_source = dict(await conn.fetch("SELECT geo_source, count(*) FROM tickets.inc GROUP BY 1"))
+    assert by_source.get("location", 0) > 0 and by_source.get("cluster", 0) > 0
+
+
+async def test_opencage_and_nominatim_dialects(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    await tickets(
+        conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"), ("INC2", "Kilimani", "KILIMANI_Nowhere FDT1")
+    )
+    places: dict[str, tuple[float, float] | None] = {"Kilimani": fg.KILIMANI, "Jogoo Rd": fg.JOGOO_KILIMANI}
+    for provider in ("opencage", "nominatim"):
+        await conn.execute("TRUNCATE tickets.geo_locations, tickets.geo_clusters")
+        server = fg.FakeGeocoder(places=dict(places)).start(provider)
+        try:
+            async with worker(geo(server, provider=provider), pool) as w:
+                report = await w.run_pass()
+        finally:
+            server.stop()
+        assert report.outcomes == {"ok": 2, "no_match": 1}, provider
+        assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_geocode_command_runs_one_pass_and_gazetteer_set_corrects(
+    fake: fg.FakeGeocoder, cli_env: Callable[..., dict[str, str]], db_url: str
+) -> None:
+    async def seed() -> None:
+        c = await asyncpg.connect(db_url)
+        try:
+            await tickets(c, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+        finally:
+            await c.close()
+
+    asyncio.run(seed())
+    fake.places["Jogoo Rd"] = fg.JOGOO_KILIMANI
+    env = cli_env(geocoder={"enabled": True, "base_url": fake.url, "rate_per_second": 20.0})
+    env["GEOCODER_API_KEY"] = fg.KEY
+    res = run_cli("geocode", "--clusters", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "1 request(s)" in res.stdout and fake.queries() == ["Kilimani, Nairobi, Kenya"]
+    res = run_cli("geocode", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert '"requests": 1' in res.stdout and '"budget_remaining": 4998' in res.stdout
+    res = run_cli("gazetteer", "set", "Kilimani", "NW_KILIMANI_Jogoo Rd FDT1", "-1.3", "36.8", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Kilimani / Jogoo Rd" in res.stdout and "1 ticket(s)" in res.stdout
+
+    async def check() -> tuple[Any, ...]:
+        c = await asyncpg.connect(db_url)
+        try:
+            return await where(c, "INC1")
+        finally:
+            await c.close()
+
+    assert asyncio.run(check()) == ("location", -1.3, 36.8)
+    assert run_cli("gazetteer", "set", "Kilimani", "north", "36.8", env=env).returncode == 2
+
+
+def test_metrics_expose_the_contract_names(fake: fg.FakeGeocoder) -> None:
+    m = Metrics()
+    Geocoder(geo(fake), lambda: None, m)  # type: ignore[arg-type,return-value]
+    text = generate_latest(m.registry).decode()
+    for name in (
+        "fleettickets_geocode_queue_depth",
+        'fleettickets_geocode_requests_total{outcome="rate_limited",provider="locationiq"}',
+        "fleettickets_geocode_budget_remaining",
+    ):
+        assert name in text
+
+
+# --- inside the daemon ----------------------------------------------------------------------
+
+
+def test_daemon_geocodes_what_its_drains_bring_and_reloads_limits(
+    fake: fg.FakeGeocoder,
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],  # noqa: F811
+    bucket: Bucket,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import signal
+
+    from .conftest import csv_file, poll, row
+
+    fake.places["Jogoo Rd"] = fg.JOGOO_KILIMANI
+    monkeypatch.setenv("GEOCODER_API_KEY", fg.KEY)
+    bucket.put(
+        inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2", location_name="SDUS KILIMANI_FDT2"))
+    )
+    geocoder = {"enabled": True, "base_url": fake.url, "rate_per_second": 20.0, "refill_interval_s": 300.0}
+    d, data = start_daemon(geocoder=geocoder)
+    poll(
+        lambda: d.metric("fleettickets_geocode_requests_total", provider="locationiq", outcome="ok") == 2,
+        what="cluster and location geocoded after the start-up drain",
+    )
+
+    async def sources() -> dict[str, str]:
+        c = await asyncpg.connect(db_url)
+        try:
+            return {
+                r["ticket_id"]: r["geo_source"]
+                for r in await c.fetch("SELECT ticket_id, geo_source FROM tickets.inc")
+            }
+        finally:
+            await c.close()
+
+    poll(lambda: asyncio.run(sources()) == {"T1": "location", "T2": "cluster"}, what="tickets placed")
+    assert d.metric("fleettickets_geocode_queue_depth") == 0
+    assert d.metric("fleettickets_geocode_budget_remaining") == 4998
+    status, _ = d.get("/readyz")
+    assert status == 200
+    # SIGHUP with a new budget: the worker takes it without a restart.
+    d.write_config({**data, "geocoder": {**geocoder, "daily_budget": 10}})
+    d.signal(signal.SIGHUP)
+    poll(lambda: d.logged("configuration reloaded"), what="reload")
+    assert d.metric("fleettickets_config_last_reload_successful") == 1

@@ -268,6 +268,9 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source_path: str | No
             if section == name and env.get(var):
                 raw[key] = env[var]
         sections[name] = _build(cls, raw, name)
+    if sections["s3"].endpoint_url == "":
+        # Empty means "no custom endpoint": plain AWS S3, endpoint from the region.
+        sections["s3"] = replace(sections["s3"], endpoint_url=None)
     datasets = _parse_datasets(_table(data.get("datasets", {}), "datasets"))
     config = Config(**sections, datasets=datasets, source_path=source_path)
     _validate(config)
@@ -397,18 +400,55 @@ def _validate(config: Config) -> None:
             raise ConfigError(key, "must not be negative")
 
 
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_weekdays(spec: str) -> str:
+    """Translate a crontab day-of-week field (0 or 7 = Sunday) into day names.
+
+    APScheduler 3 numbers weekdays from Monday = 0, so a crontab `1-5` handed to it
+    unchanged would run Tuesday to Saturday. Names mean the same to both.
+    """
+    if not any(ch.isdigit() for ch in spec):
+        return spec
+    days: list[int] = []
+    for part in spec.split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            lo, hi = 0, 6
+        elif "-" in base:
+            a, b = base.split("-", 1)
+            lo, hi = int(a), int(b)
+        else:
+            lo = int(base)
+            hi = 6 if step else lo
+        if not (0 <= lo <= 7 and 0 <= hi <= 7 and lo <= hi):
+            raise ValueError(f"day of week {part!r} is out of range 0-7")
+        for n in range(lo, hi + 1, int(step) if step else 1):
+            if n % 7 not in days:
+                days.append(n % 7)
+    return ",".join(_CRON_DAYS[d] for d in sorted(days))
+
+
 def cron_trigger(expr: str, tz: str) -> CronTrigger:
     """Standard 5-field crontab; a 6th leading field, if given, is seconds.
 
     Seconds are for tests and demos that cannot wait a minute for a fire.
     """
     fields_ = expr.split()
-    if len(fields_) == 6:
-        second, minute, hour, day, month, dow = fields_
-        return CronTrigger(
-            second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=dow, timezone=tz
-        )
-    return CronTrigger.from_crontab(expr, timezone=tz)
+    if len(fields_) not in (5, 6):
+        raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields_)}")
+    second = fields_.pop(0) if len(fields_) == 6 else "0"
+    minute, hour, day, month, dow = fields_
+    return CronTrigger(
+        second=second,
+        minute=minute,
+        hour=hour,
+        day=day,
+        month=month,
+        day_of_week=_crontab_weekdays(dow),
+        timezone=tz,
+    )
 
 
 def _check_cron(key: str, expr: str, tz: str) -> None:

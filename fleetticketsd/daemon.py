@@ -33,7 +33,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import db, logs
+from . import db, ledger, logs
 from . import http as http_endpoint
 from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
 from .drain import DrainReport, Engine, drain, status
@@ -86,6 +86,7 @@ class Daemon:
             self.engine = await self._build_engine(self.config, None)
             if self.engine is None:
                 return 0  # stopped while waiting for the database
+            await self._restore_last_success()
             self.scheduler = AsyncIOScheduler(timezone=self.config.schedule.timezone)
             self.scheduler.start()
             for ds in self.config.enabled_datasets:
@@ -163,8 +164,10 @@ class Daemon:
     async def _build_engine(self, config: Config, old: Engine | None) -> Engine | None:
         """Pool and S3 client for ``config``, reusing ``old``'s where settings are unchanged.
 
-        At start-up the database may not be up yet (compose starts everything at
-        once): keep trying, with the daemon alive and /readyz saying why.
+        At start-up (no ``old``) the database may not be up yet (compose starts
+        everything at once): keep trying, with the daemon alive and /readyz saying
+        why. On a reload, one attempt: a new database that does not answer fails the
+        reload (DatabaseError) and the daemon stays on the old one.
         """
         pool = old.pool if old is not None and old.config.database == config.database else None
         attempt = 0
@@ -172,6 +175,8 @@ class Daemon:
             try:
                 pool = await db.create_pool(config.database)
             except db.DatabaseError as exc:
+                if old is not None:
+                    raise
                 attempt += 1
                 self._last_db_error = str(exc)
                 log.warning("database not reachable; retrying", error=str(exc), attempt=attempt)
@@ -186,6 +191,21 @@ class Daemon:
             await source.__aenter__()
         drift = old.drift_logged if old is not None else set()
         return Engine(config, pool, source, self.metrics, drift)
+
+    async def _restore_last_success(self) -> None:
+        """Start the no-successful-pass clock where the last process left it (or now),
+        so a daemon that never succeeds after a restart still trips the alert."""
+        assert self.engine is not None
+        known: dict[str, float] = {}
+        with contextlib.suppress(*DB_ERRORS):
+            async with self.engine.pool.acquire() as conn:
+                known = {r["dataset"]: r["at"].timestamp() for r in await conn.fetch(ledger.LAST_SUCCESS)}
+        for ds in self.config.enabled_datasets:
+            self.metrics.last_success.labels(ds.name).set(known.get(ds.name, time.time()))
+
+    async def _table_problem(self, engine: Engine, ds: DatasetConfig) -> str | None:
+        async with engine.pool.acquire() as conn:
+            return await db.check_dataset(conn, ds)
 
     async def _close_engine(self, engine: Engine, keep: Engine) -> None:
         if engine.pool is not keep.pool or engine is keep:
@@ -254,6 +274,13 @@ class Daemon:
                     ds = self.config.datasets.get(name)
                     if engine is None or ds is None or not ds.enabled:
                         return None
+                    # Checked per pass, not once: a table created by a later
+                    # `migrate` heals the dataset without a restart.
+                    problem = await self._table_problem(engine, ds)
+                    if problem:
+                        log.error("dataset not drained: configuration error", dataset=name, error=problem)
+                        self.metrics.poll_failures.labels(name, "apply").inc()
+                        return None
                     report = await drain(engine, ds, stop=self.stopping)
                 # The documented way to let retry_if_result see the block's result.
                 if attempt.retry_state.outcome is not None and not attempt.retry_state.outcome.failed:
@@ -306,8 +333,23 @@ class Daemon:
         if new.server != old_config.server:
             log.warning("server.listen changed: takes effect on restart", listen=new.server.listen)
             new = dataclasses.replace(new, server=old_config.server)
-        engine = await self._build_engine(new, old_engine)
-        if engine is None:
+        engine: Engine | None = None
+        try:
+            engine = await self._build_engine(new, old_engine)
+            assert engine is not None
+            for ds in new.enabled_datasets:
+                problem = await self._table_problem(engine, ds)
+                if problem:
+                    raise ConfigError(f"datasets.{ds.name}.table", problem.split(": ", 1)[-1])
+        except RELOAD_ERRORS as exc:
+            self.metrics.config_reload_ok.set(0)
+            log.error(
+                "config reload failed; keeping the running configuration",
+                key=getattr(exc, "key", "database"),
+                error=str(exc),
+            )
+            if engine is not None:
+                await self._close_engine(engine, old_engine)
             return False
         self.config, self.engine = new, engine
         if new.logging != old_config.logging:
@@ -401,3 +443,4 @@ def _version() -> str:
 
 WATCH_ERRORS: tuple[type[BaseException], ...] = (SourceError, *DB_ERRORS)
 READY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DB_ERRORS)
+RELOAD_ERRORS: tuple[type[BaseException], ...] = (ConfigError, *DB_ERRORS)

@@ -38,7 +38,9 @@ SELECT a.attname
 FROM pg_attribute a
 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 """
-REQUIRED_TABLE_COLUMNS = frozenset({"ticket_id", "raw", "source_key", "updated_at"})
+# What the engine writes (apply.py) and resolves geometry into (tickets.resolve_ticket_geo):
+# a table made with tickets.create_dataset_table has all of them.
+REQUIRED_TABLE_COLUMNS = frozenset({"ticket_id", "raw", "source_key", "updated_at", "geom", "geo_source"})
 FUNCTION_EXISTS = """
 SELECT EXISTS (
     SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

@@ -403,6 +403,7 @@ async def _bad_file(
     report.files.append({"key": f.key, "quarantined": reason})
     if dry_run:
         return
+    engine.metrics.files_quarantined.labels(dataset.name).inc()
     # Ledger first: if the move below fails, the next pass finishes it (_finish_move).
     await conn.execute(
         ledger.RECORD_FILE,

@@ -52,6 +52,12 @@ class Metrics:
             ("dataset", "reason"),
             registry=r,
         )
+        self.files_quarantined = Counter(
+            "fleettickets_files_quarantined",
+            "Bad files moved to quarantine/ (on_bad_file = quarantine, or skip)",
+            ds,
+            registry=r,
+        )
         self.late_files = Counter(
             "fleettickets_late_files",
             "Files older than the watermark applied under the stale-write guard",
@@ -129,6 +135,7 @@ class Metrics:
             self.files_applied,
             self.rows_upserted,
             self.late_files,
+            self.files_quarantined,
             self.dataset_blocked,
             self.pending_files,
             self.source_lag,
@@ -145,6 +152,7 @@ class Metrics:
             self.files_applied,
             self.rows_upserted,
             self.late_files,
+            self.files_quarantined,
             self.dataset_blocked,
             self.pending_files,
             self.source_lag,

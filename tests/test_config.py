@@ -105,3 +105,26 @@ def test_six_field_cron_means_seconds() -> None:
 
     trig = cron_trigger("*/5 * * * * *", "Africa/Nairobi")
     assert "second='*/5'" in str(trig)
+
+
+@pytest.mark.parametrize(
+    ("dow", "first_fire_day"),
+    [("1-5", "Mon"), ("0", "Sun"), ("7", "Sun"), ("6", "Sat"), ("mon-fri", "Mon"), ("*", "Mon")],
+)
+def test_crontab_weekdays_mean_what_crontab_means(dow: str, first_fire_day: str) -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from fleetticketsd.config import cron_trigger
+
+    tz = ZoneInfo("Africa/Nairobi")
+    sunday_noon = datetime(2026, 11, 22, 12, 0, tzinfo=tz)
+    fire = cron_trigger(f"0 9 * * {dow}", "Africa/Nairobi").get_next_fire_time(None, sunday_noon)
+    if first_fire_day == "Sun":
+        assert fire.strftime("%a %d") == "Sun 29"
+    else:
+        assert fire.strftime("%a") == first_fire_day
+
+
+def test_empty_endpoint_means_aws() -> None:
+    assert parse(minimal(s3={"endpoint_url": ""}), {}).s3.endpoint_url is None

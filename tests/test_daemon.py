@@ -115,14 +115,15 @@ def test_drains_on_start_serves_probes_and_reports_lag(
     bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2")))
     bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("T1", owner="X"), "bad,row"))
     d, _ = start_daemon()
-    # The pass is over (not just its files) once it records its success.
-    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    # The pass is over (not just its files) once its duration is observed.
+    poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
     assert d.metric("fleettickets_files_applied_total", dataset="inc") == 2
     assert d.metric("fleettickets_rows_upserted_total", dataset="inc") == 3
     assert d.metric("fleettickets_rows_rejected_total", dataset="inc", reason="wrong_field_count") == 1
     assert d.metric("fleettickets_source_lag_seconds", dataset="inc") == 0
     assert d.metric("fleettickets_pending_files", dataset="inc") == 0
     assert d.metric("fleettickets_dataset_blocked", dataset="inc") == 0
+    assert d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc")
     assert d.metric("fleettickets_build_info", version="0.1.0") == 1
     wm = d.metric("fleettickets_watermark_timestamp_seconds", dataset="inc")
     assert wm == 1782111900.0  # 2026-06-22T10:05:00 EAT = 07:05 UTC
@@ -156,7 +157,7 @@ def test_metrics_pass_promtool_lint(start_daemon: Callable[..., tuple[Daemon, di
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
     d, _ = start_daemon()
-    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
     _, body = d.get("/metrics")
     lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -166,7 +167,7 @@ def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_c
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket
 ) -> None:
     d, data = start_daemon()
-    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
     assert d.metric("fleettickets_config_last_reload_successful") == 1
 
     d.config_path.write_text(to_toml(data) + "\n[datasets.inc\nbroken = \n")
@@ -179,6 +180,18 @@ def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_c
     poll(
         lambda: d.logged("config reload failed; keeping the running configuration", key="datasets.crq.tabel")
     )
+
+    # A table that does not exist fails the reload too, naming the key.
+    missing = {
+        **data,
+        "datasets": {**data["datasets"], "crq": {**data["datasets"]["crq"], "table": "tickets.nosuch"}},
+    }
+    d.write_config(missing)
+    d.signal(signal.SIGHUP)
+    poll(
+        lambda: d.logged("config reload failed; keeping the running configuration", key="datasets.crq.table")
+    )
+    assert d.metric("fleettickets_config_last_reload_successful") == 0
 
     # Valid: a new dataset drains at once, and a changed cron is rescheduled.
     bucket.put("automations/new/changes/2026-06-22T10-00-00.csv", csv_file(row("N1")))
@@ -229,7 +242,7 @@ def test_database_outage_readyz_fails_then_pass_resumes(
 ) -> None:
     dbname = db_url.rsplit("/", 1)[1]
     d, _ = start_daemon(schedule={"cron": "*/2 * * * * *"}, daemon={"pass_retry_attempts": 2})
-    poll(lambda: d.metric("fleettickets_last_success_timestamp_seconds", dataset="inc"), what="first pass")
+    poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
     _admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
     _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}'")
     try:

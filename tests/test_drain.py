@@ -309,6 +309,7 @@ async def test_quarantine_moves_bad_file_aside_and_goes_on(
             engine = Engine(cfg, pool, source, Metrics())
             report = await drain(engine, cfg.dataset("inc"))
             assert report.ok and report.files_applied == 1
+            assert engine.metrics.files_quarantined.labels("inc")._value.get() == 1
             assert bucket.keys("automations/inc/quarantine/") == [
                 "automations/inc/quarantine/2026-06-22T10-00-00.csv",
                 "automations/inc/quarantine/2026-06-22T10-00-00.csv.error.json",

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from . import __version__, db, logs
 from .actions import ActionError, load_file, skip
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
@@ -217,6 +219,7 @@ def _drain_line(r: DrainReport) -> str:
 
 
 async def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    extra: dict[str, str] = {}
     async with engine_for(config) as engine:
         out: dict[str, Any] = {}
         for ds in config.enabled_datasets:
@@ -224,11 +227,32 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
                 out[ds.name] = await status(engine, ds, detailed=not args.json)
             except SourceError as exc:
                 raise CommandError(str(exc)) from exc
+        if not args.json:
+            extra = await _geocode_status(engine, config)
     if args.json:
         print(json.dumps({"datasets": out}))
         return EXIT_OK
-    print(render_status(out))
+    print(render_status(out, extra))
     return EXIT_OK
+
+
+async def _geocode_status(engine: Engine, config: Config) -> dict[str, str]:
+    """The geocoder's queue and today's budget, for the terminal table (issue 7)."""
+    from .geocode import budget_left, pending_places
+
+    geo = config.geocoder
+    if not geo.enabled:
+        return {"geocoding": "off ([geocoder] enabled = false)"}
+    try:
+        async with engine.pool.acquire() as conn:
+            waiting = await pending_places(conn)
+            left = await budget_left(conn, geo)
+    except asyncpg.PostgresError as exc:  # e.g. the geocoding migration is not applied yet
+        return {"geocoding": f"unknown ({exc})"}
+    return {
+        "geocode queue": f"{waiting} place(s) waiting",
+        "geocode budget": f"{left} of {geo.daily_budget} requests left today (UTC, {geo.provider})",
+    }
 
 
 async def cmd_load_file(config: Config, args: argparse.Namespace) -> int:

@@ -80,6 +80,13 @@ GROUP BY w.cluster, w.location, a.place
 ORDER BY w.cluster, w.location
 """
 
+# How many places the refill would queue now (`fleetticketsd status`): the same two
+# queries, so the count cannot disagree with the worker. $1: now.
+PENDING_COUNT = f"""
+SELECT (SELECT count(DISTINCT cluster) FROM ({PENDING_CLUSTERS}) AS c)
+     + (SELECT count(DISTINCT (cluster, location)) FROM ({PENDING_LOCATIONS}) AS l)
+"""
+
 CLUSTER_PENDING = f"""
 SELECT {_PENDING.format(a="c")}
 FROM (SELECT 1) AS one LEFT JOIN tickets.geo_clusters AS c ON c.cluster = $2
@@ -598,11 +605,7 @@ class Geocoder:
 
     async def budget_remaining(self) -> int:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(BUDGET_USED, self.config.provider, self._today())
-        if row is None:
-            left = self.config.daily_budget
-        else:
-            left = 0 if row["exhausted"] else max(0, self.config.daily_budget - row["requests"])
+            left = await budget_left(conn, self.config, self.clock())
         self.metrics.geocode_budget_remaining.set(left)
         return left
 
@@ -630,6 +633,23 @@ class Geocoder:
 
 
 DB_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+# --- read-only views for `fleetticketsd status` ------------------------------------------------
+
+
+async def pending_places(conn: asyncpg.Connection, now: datetime | None = None) -> int:
+    """Places (clusters, and locations of answered clusters) waiting to be asked."""
+    return int(await conn.fetchval(PENDING_COUNT, now or utc_now()))
+
+
+async def budget_left(conn: asyncpg.Connection, config: GeocoderConfig, now: datetime | None = None) -> int:
+    """Requests left of ``daily_budget`` for the provider on the UTC day of ``now``."""
+    day = (now or utc_now()).astimezone(UTC).date()
+    row = await conn.fetchrow(BUDGET_USED, config.provider, day)
+    if row is None:
+        return config.daily_budget
+    return 0 if row["exhausted"] else max(0, config.daily_budget - row["requests"])
 
 
 # --- operators' corrections --------------------------------------------------------------------

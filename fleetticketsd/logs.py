@@ -56,13 +56,16 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # These are chatty at INFO and say nothing an operator acts on.
+    # These are chatty at INFO and say nothing an operator acts on; httpx would also
+    # log every request URL, and a geocoder's URL carries its API key.
     for noisy in (
         "botocore",
         "aiobotocore",
         "urllib3",
         "apscheduler.executors.default",
         "aiohttp.access",
+        "httpx",
+        "httpcore",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

@@ -10,13 +10,17 @@ its counters move does. So this script does what an operator would do by hand, i
    because a missing extension otherwise surfaces as an obscure migration error;
 3. use the configured bucket if one answers, else start an *embedded demo S3* (moto's
    server on loopback), seed it with the project's feed generator and keep a feeder
-   dropping fresh deltas, so lag and counters move while the user watches;
+   dropping fresh deltas, so lag and counters move while the user watches; with that
+   demo bucket, unless ``GEOCODER_API_KEY`` is set, geocode against a *local fake
+   provider* (``scripts/fake_geocoder.py`` on loopback: made-up points near the Kenyan
+   cities, never real coordinates), so the geocoder's counters and the map move too;
 4. run ``fleetticketsd migrate``, then ``fleetticketsd run``, and say where to look.
 
 Everything it starts is a child process that it stops again: on Ctrl-C or SIGTERM the
-daemon first (so its in-flight file finishes against a live bucket), then the feeder and
-moto. The demo configuration goes to ``.run/config.toml`` under the current directory so
-that the printed ``status`` command can be pasted into a second terminal as is.
+daemon first (so its in-flight file finishes against a live bucket and provider), then
+the fake geocoder, the feeder and moto. The demo configuration goes to ``.run/config.toml``
+under the current directory so that the printed ``status`` command can be pasted into a
+second terminal as is.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ DEMO_SOURCE_CHECK_S = 10.0
 # values also make the printed status command work in a shell without AWS credentials.
 DEMO_KEYS = {"RUSTFS_ACCESS_KEY_ID": "demo", "RUSTFS_SECRET_ACCESS_KEY": "demo"}
 PROBE_TIMEOUT_S = 2.0
+# The local fake geocoding provider of the demo: it accepts only this key, and allows
+# the demo's rate per second (as LocationIQ's free plan does), answering 429 beyond it.
+FAKE_GEOCODER = Path(__file__).resolve().parent / "fake_geocoder.py"
+FAKE_GEOCODER_KEY = "local-fake-geocoder-key"
+FAKE_GEOCODER_RATE = 2
 
 # Seeded history: a baseline and a few deltas per dataset, ending now. Big enough for
 # the drain to visibly take a moment, small enough to be applied within seconds.
@@ -415,12 +424,19 @@ def wait_http(url: str, alive: subprocess.Popen[Any], timeout_s: float) -> bool:
 
 
 @dataclass
+class FakeGeocoder:
+    url: str
+    child: Child
+
+
+@dataclass
 class Embedded:
     endpoint: str
     moto: Child
     feeder: Child
     seeded: dict[str, list[str]]
     feed_interval_s: float
+    geocoder: FakeGeocoder | None = None  # None: GEOCODER_API_KEY is set, the user's [geocoder] holds
 
 
 def feed_interval(env: Mapping[str, str]) -> float:
@@ -551,6 +567,28 @@ def start_embedded(config: Config, children: Children, env: dict[str, str]) -> E
     return Embedded(endpoint, moto, feeder, seeded, interval)
 
 
+def start_fake_geocoder(children: Children, env: dict[str, str]) -> FakeGeocoder:
+    """The local fake provider (LocationIQ's dialect) on a free loopback port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, str(FAKE_GEOCODER), "--port", str(port), "--key", FAKE_GEOCODER_KEY]
+    child = children.start(
+        "local fake geocoder",
+        [*argv, "--per-second", str(FAKE_GEOCODER_RATE)],
+        env=env,
+        grace_s=5,
+        log=DEMO_DIR / "fake_geocoder.log",
+        own_group=True,  # like moto: it must outlive the daemon's graceful stop
+    )
+    if not wait_http(f"{url}/search", child.proc, timeout_s=30):
+        if STOP.is_set():
+            raise SetupError("stopped while starting the fake geocoder", EXIT_OK)
+        raise SetupError(
+            f"the fake geocoder did not start on {url}; its log ({child.log}):\n{tail(child.log)}"
+        )
+    return FakeGeocoder(url, child)
+
+
 # --- demo configuration ----------------------------------------------------------------------
 
 
@@ -584,8 +622,9 @@ def to_toml(data: Mapping[str, Any], path: tuple[str, ...] = ()) -> str:
     return out
 
 
-def write_demo_config(source: Path, config: Config, endpoint: str) -> None:
-    """The user's config with the demo's bucket and a fast schedule; written to .run/."""
+def write_demo_config(source: Path, config: Config, embedded: Embedded) -> None:
+    """The user's config with the demo's bucket, a fast schedule and, unless a real key is
+    set, the fake geocoder; written to .run/."""
     raw: dict[str, Any] = tomllib.loads(source.read_text(encoding="utf-8"))
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     if not urlsplit(config.database.url).password:
@@ -594,7 +633,10 @@ def write_demo_config(source: Path, config: Config, endpoint: str) -> None:
         # with a password cannot be written to a file; the environment still carries it.
         data.setdefault("database", {})["url"] = config.database.url
     data.setdefault("s3", {}).update(
-        endpoint_url=endpoint, bucket=config.s3.bucket, region=config.s3.region, addressing_style="path"
+        endpoint_url=embedded.endpoint,
+        bucket=config.s3.bucket,
+        region=config.s3.region,
+        addressing_style="path",
     )
     data.setdefault("schedule", {})["cron"] = DEMO_CRON
     datasets = {name: dict(ds) for name, ds in data.get("datasets", {}).items()}
@@ -602,7 +644,13 @@ def write_demo_config(source: Path, config: Config, endpoint: str) -> None:
         ds.pop("cron", None)  # a per-dataset schedule would defeat the demo's fast one
     data["datasets"] = datasets
     data.setdefault("daemon", {})["source_check_interval_s"] = DEMO_SOURCE_CHECK_S
-    data.setdefault("geocoder", {})["enabled"] = False
+    if embedded.geocoder is not None:
+        data.setdefault("geocoder", {}).update(
+            enabled=True,
+            provider="locationiq",
+            base_url=embedded.geocoder.url,
+            rate_per_second=FAKE_GEOCODER_RATE,
+        )
     header = (
         f"# Generated by scripts/run.py from {source} for the embedded demo S3; rewritten on\n"
         "# every run, so edit the source config instead.\n"
@@ -702,7 +750,12 @@ def run(args: argparse.Namespace, children: Children) -> int:
         os.environ.update(DEMO_KEYS)
         embedded = start_embedded(config, children, env)
         env.update(RUSTFS_ENDPOINT_URL=embedded.endpoint, RUSTFS_BUCKET=config.s3.bucket)
-        write_demo_config(Path(path), config, embedded.endpoint)
+        if not os.environ.get("GEOCODER_API_KEY"):
+            embedded.geocoder = start_fake_geocoder(children, env)
+            # GEOCODER_BASE_URL would override the config's base_url: it must not send
+            # the fake's key to a real provider.
+            env.update(GEOCODER_API_KEY=FAKE_GEOCODER_KEY, GEOCODER_BASE_URL=embedded.geocoder.url)
+        write_demo_config(Path(path), config, embedded)
         config_path = str(DEMO_CONFIG)
         try:
             config = load(config_path, env)
@@ -754,7 +807,17 @@ def banner(config: Config, config_path: str, base: str, database: str, embedded:
         lines.append(
             f"  schedule   drains every minute ({DEMO_CRON}), source checked every {DEMO_SOURCE_CHECK_S:g} s"
         )
-        lines.append("  geocoding  off in this demo (geocoder.enabled = false)")
+        geo = config.geocoder
+        if embedded.geocoder is not None:
+            fake = embedded.geocoder
+            lines.append("  geocoding  LOCAL FAKE provider (not real coordinates): made-up points near the")
+            lines.append(f"             tickets' Kenyan cities, from {fake.url} at {geo.rate_per_second:g}/s")
+            lines.append(f"             (log: {fake.child.log}); set GEOCODER_API_KEY for your provider")
+        else:
+            lines.append(
+                f"  geocoding  {'on' if geo.enabled else 'off'}: your [geocoder] config unchanged "
+                f"(GEOCODER_API_KEY is set), {geo.provider} at {geo.base_url}"
+            )
     else:
         lines.append(f"  bucket     s3://{config.s3.bucket} at {config.s3.endpoint_url} (configured)")
         lines.append(f"  schedule   {config.schedule.cron} ({config.schedule.timezone})")
@@ -777,6 +840,8 @@ def banner(config: Config, config_path: str, base: str, database: str, embedded:
 def supervise(children: Children, daemon: Child, embedded: Embedded | None) -> int:
     """Run until a stop is requested or something dies; return the exit code."""
     helpers = [embedded.moto, embedded.feeder] if embedded is not None else []
+    if embedded is not None and embedded.geocoder is not None:
+        helpers.append(embedded.geocoder.child)
     while not STOP.is_set():
         code = daemon.proc.poll()
         if code is not None:

@@ -63,6 +63,36 @@ def test_drain_json_and_status_json(cli_env: Callable[..., dict[str, str]], buck
     assert "last pass" in human.stdout and ", ok" in human.stdout
 
 
+def test_status_on_a_terminal_shows_geocode_queue_and_budget(
+    cli_env: Callable[..., dict[str, str]], bucket: Bucket, db_url: str
+) -> None:
+    import re
+    from datetime import UTC, datetime
+
+    for path in sorted((SAMPLE / "inc" / "changes").glob("*.csv")):
+        bucket.put(inc_key(path.name), path.read_bytes())
+    env = cli_env(geocoder={"enabled": True, "daily_budget": 10})
+    assert run_cli("drain", env=env).returncode == 0
+    # Nothing geocoded yet: every wanted cluster waits (its locations wait for it).
+    clusters = fetch(db_url, "SELECT count(DISTINCT cluster) AS n FROM tickets.geo_wanted()")[0]["n"]
+    assert clusters > 0
+    today = datetime.now(UTC).date()
+    used = "INSERT INTO tickets.geo_budget (provider, day, requests) VALUES ('locationiq', $1, 3)"
+    fetch(db_url, used, today)
+
+    human = run_cli("status", env=env)
+    assert human.returncode == 0, human.stderr
+    assert re.search(rf"^geocode queue\s+{clusters} place\(s\) waiting$", human.stdout, re.M), human.stdout
+    assert re.search(r"^geocode budget\s+7 of 10 requests left today", human.stdout, re.M), human.stdout
+    as_json = run_cli("status", "--json", env=env)
+    assert as_json.returncode == 0 and list(json.loads(as_json.stdout)) == ["datasets"]
+    assert "geocod" not in as_json.stdout
+
+    off = run_cli("status", env=cli_env(geocoder={"enabled": False}))
+    assert off.returncode == 0, off.stderr
+    assert re.search(r"^geocoding\s+off", off.stdout, re.M) and "geocode queue" not in off.stdout
+
+
 def test_drain_exit_1_when_blocked_skip_unblocks(
     cli_env: Callable[..., dict[str, str]], bucket: Bucket, db_url: str
 ) -> None:

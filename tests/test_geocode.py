@@ -494,6 +494,8 @@ def test_daemon_geocodes_what_its_drains_bring_and_reloads_limits(
     assert d.metric("fleettickets_geocode_budget_remaining") == 4998
     status, _ = d.get("/readyz")
     assert status == 200
+    # The key travels in the provider's query string: no log line may carry it.
+    assert fg.KEY not in d.log_path.read_text()
     # SIGHUP with a new budget: the worker takes it without a restart.
     d.write_config({**data, "geocoder": {**geocoder, "daily_budget": 10}})
     d.signal(signal.SIGHUP)

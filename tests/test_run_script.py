@@ -2,7 +2,8 @@
 
 No bucket is reachable (the config points at an unused port and RUSTFS_* is unset), so
 the script must pick the embedded demo S3, seed it, keep a feeder running and start the
-daemon against a database it creates itself. The test watches the result only from the
+daemon against a database it creates itself; GEOCODER_API_KEY is unset too, so it must
+geocode against its local fake provider. The test watches the result only from the
 outside — /metrics and the database — then presses "Ctrl-C" and checks that nothing the
 script started outlives it.
 """
@@ -58,11 +59,16 @@ def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(go())
 
 
-def metric(base: str, name: str, dataset: str) -> float | None:
+def metric(base: str, name: str, dataset: str | None = None, **labels: str) -> float | None:
+    """A sample's value from /metrics, found by its labels in any order."""
+    if dataset is not None:
+        labels["dataset"] = dataset
     with urllib.request.urlopen(f"{base}/metrics", timeout=2) as resp:
         text = resp.read().decode()
-    m = re.search(rf'^{re.escape(name)}\{{dataset="{re.escape(dataset)}"\}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else None
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) == labels:
+            return float(m.group(2))
+    return None
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -142,7 +148,7 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("RUSTFS_") and k not in ("DATABASE_URL", "FLEETTICKETSD_CONFIG")
+        if not k.startswith(("RUSTFS_", "GEOCODER_")) and k not in ("DATABASE_URL", "FLEETTICKETSD_CONFIG")
     }
     env.update(DATABASE_URL=database_url, FLEETTICKETSD_DEMO_FEED_INTERVAL_S="2", PYTHONUNBUFFERED="1")
     log = tmp_path / "run.log"
@@ -183,6 +189,7 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         until(lambda: "Ctrl-C stops everything" in output(), deadline, "the banner")
         text = output()
         assert "embedded demo S3 (moto), seeded with synthetic data" in text
+        assert re.search(r"^ *geocoding +LOCAL FAKE provider \(not real coordinates\)", text, re.M), text
         assert f"{base}/metrics" in text and f"{base}/readyz" in text
         status_line = re.search(r"^ *(.*fleetticketsd --config \.run/config\.toml status)$", text, re.M)
         assert status_line, text
@@ -193,9 +200,13 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         demo = tomllib.loads((tmp_path / ".run" / "config.toml").read_text())
         assert demo["schedule"]["cron"] == "* * * * *"
         assert demo["daemon"]["source_check_interval_s"] == 10
-        assert demo["geocoder"]["enabled"] is False
         moto_endpoint = demo["s3"]["endpoint_url"]
         assert moto_endpoint.startswith("http://127.0.0.1:")
+        geocoder = demo["geocoder"]
+        assert geocoder["enabled"] is True and geocoder["provider"] == "locationiq"
+        assert 0 < geocoder["rate_per_second"] <= 2
+        fake_url = geocoder["base_url"]
+        assert fake_url.startswith("http://127.0.0.1:") and fake_url != moto_endpoint
 
         # The seeded feed is drained.
         first = until(lambda: metric(base, "fleettickets_files_applied_total", "inc"), deadline, "inc files")
@@ -226,6 +237,23 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
             assert resp.status == 200
 
+        # The fake provider answered the geocoder, and tickets got plausible Kenyan points.
+        def geocoded_ok() -> bool:
+            ok = metric(base, "fleettickets_geocode_requests_total", provider="locationiq", outcome="ok")
+            return ok is not None and ok > 0
+
+        until(geocoded_ok, deadline, "a geocode request answered ok by the fake provider")
+        placed = until(
+            lambda: query(
+                database_url,
+                "SELECT geo_source, ST_Y(geom) AS lat, ST_X(geom) AS lon FROM tickets.inc"
+                " WHERE geom IS NOT NULL AND geo_source IN ('location', 'cluster') LIMIT 50",
+            ),
+            deadline,
+            "tickets.inc rows placed by the geocoder",
+        )
+        assert all(-5 < r["lat"] < 5 and 33.5 < r["lon"] < 42 for r in placed), placed  # Kenya
+
         # The printed status command works as pasted, without the script's environment.
         argv = shlex.split(status_line.group(1))
         assignments = dict(a.split("=", 1) for a in argv if re.match(r"^[A-Z_]+=", a))
@@ -244,6 +272,7 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         )
         assert status.returncode == 0, status.stderr
         assert "watermark" in status.stdout and status.stdout.startswith("inc")
+        assert "geocode queue" in status.stdout and "geocode budget" in status.stdout
 
         # "Ctrl-C": everything it started stops, and it exits 0.
         children.update(descendants(proc.pid))
@@ -251,6 +280,7 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         assert any("moto.server" in line for line in lines), children
         assert any("fleetticketsd.feedgen" in line for line in lines), children
         assert any(line.endswith(" run") for line in lines), children
+        assert any("fake_geocoder.py" in line for line in lines), children
         proc.send_signal(signal.SIGINT)
         try:
             code = proc.wait(timeout=STOP_DEADLINE_S)
@@ -261,6 +291,7 @@ def test_run_script_drains_seeded_and_fed_files_then_stops_cleanly(tmp_path: Pat
         port = moto_endpoint.rsplit(":", 1)[1]
         left.update(processes_mentioning(f"-p {port}"))
         left.update(processes_mentioning(moto_endpoint))
+        left.update(processes_mentioning(f"--port {fake_url.rsplit(':', 1)[1]} "))
         assert not left, f"processes left running: {left}"
     finally:
         if proc.poll() is None:

@@ -66,3 +66,27 @@ class LatencyProxy:
             queue.put_nowait((time.monotonic() + self.delay_s, b""))
             with contextlib.suppress(Exception):
                 await sender
+
+
+def main() -> None:
+    """Run as its own process, so proxying costs the measured process nothing."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--target", required=True, help="HOST:PORT to forward to")
+    ap.add_argument("--port", type=int, required=True, help="loopback port to listen on")
+    ap.add_argument("--delay-s", type=float, default=0.025, help="one-way delay")
+    args = ap.parse_args()
+    host, port = args.target.rsplit(":", 1)
+
+    async def serve() -> None:
+        proxy = LatencyProxy(host, int(port), args.delay_s)
+        server = await asyncio.start_server(proxy._handle, "127.0.0.1", args.port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -18,15 +18,18 @@ from .config import DatasetConfig
 from .db import qualified, quote_ident
 from .feed import KEPT, RECORD_COLUMNS, BadFile, FeedParser, ParseStats, Record
 
-# Rows for this file only; dropped at commit (or rollback). Created per file because
-# a dry run applies several files inside one outer transaction. Columns are the
-# kept feed columns as text; `raw` is assembled from them in the upsert.
+# Rows for this file only. The temp table lives as long as its connection and is
+# emptied at every commit (ON COMMIT DELETE ROWS): creating and dropping it per file
+# cost ~2 ms of catalog churn each, the largest fixed cost of a small delta. A dry
+# run applies several files inside one outer transaction, hence the DELETE first.
+# Columns are the kept feed columns as text; `raw` is assembled from them in the upsert.
+INCOMING_EXISTS = "SELECT to_regclass('pg_temp.fleet_incoming') IS NOT NULL"
 CREATE_INCOMING = (
-    "DROP TABLE IF EXISTS pg_temp.fleet_incoming;\n"
     "CREATE TEMP TABLE fleet_incoming (line int NOT NULL, "
     + ", ".join(f'"{c}" text' for c in KEPT)
-    + ", extras text) ON COMMIT DROP"
+    + ", extras text) ON COMMIT DELETE ROWS"
 )
+CLEAR_INCOMING = "DELETE FROM pg_temp.fleet_incoming"
 
 # The cleaned record as FEED.md defines it: the kept columns as given, region lower
 # case, raw_status upper case, and any extra columns the export grew. Column names
@@ -129,7 +132,10 @@ async def apply_file(
     """
     parser = FeedParser(max_record_bytes)
     async with conn.transaction():
-        await conn.execute(CREATE_INCOMING)
+        if await conn.fetchval(INCOMING_EXISTS):
+            await conn.execute(CLEAR_INCOMING)
+        else:
+            await conn.execute(CREATE_INCOMING)
         await conn.copy_records_to_table(
             "fleet_incoming", records=_records(chunks, parser), columns=RECORD_COLUMNS
         )

@@ -108,12 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-@contextlib.asynccontextmanager
-async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterator[Engine]:
+async def _pool(config: Config) -> asyncpg.Pool:
     try:
-        pool = await db.create_pool(config.database)
+        return await db.create_pool(config.database)
     except db.DatabaseError as exc:
         raise CommandError(str(exc)) from exc
+
+
+@contextlib.asynccontextmanager
+async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterator[Engine]:
+    pool = await _pool(config)
     try:
         async with S3Source(config.s3) as source:
             if need_source:
@@ -149,10 +153,7 @@ def _datasets(config: Config, names: list[str]) -> list[DatasetConfig]:
 
 
 async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
-    try:
-        pool = await db.create_pool(config.database)
-    except db.DatabaseError as exc:
-        raise CommandError(str(exc)) from exc
+    pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
             available = db.load_migrations()
@@ -319,10 +320,7 @@ async def cmd_geocode(config: Config, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise CommandError("--limit must not be negative", EXIT_CONFIG)
     both = args.clusters == args.locations
-    try:
-        pool = await db.create_pool(config.database)
-    except db.DatabaseError as exc:
-        raise CommandError(str(exc)) from exc
+    pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
             if await db.pending_migrations(conn, db.load_migrations()):
@@ -357,10 +355,7 @@ async def cmd_gazetteer(config: Config, args: argparse.Namespace) -> int:
     except ValueError:
         raise CommandError(f"LAT LON must be numbers: {values[-2]!r} {values[-1]!r}", EXIT_CONFIG) from None
     cluster, location = values[0], (values[1] if len(values) == 4 else None)
-    try:
-        pool = await db.create_pool(config.database)
-    except db.DatabaseError as exc:
-        raise CommandError(str(exc)) from exc
+    pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
             clean, count = await set_gazetteer(conn, cluster, location, lat, lon)

@@ -147,8 +147,9 @@ class IngestConfig:
     # file larger than prefetch_bytes is streamed at its turn instead.
     prefetch_files: int = 16
     prefetch_bytes: int = 64 * 1024 * 1024
-    # Archive moves (copy + delete) in flight behind the applies.
-    archive_concurrency: int = 8
+    # Archive moves (copy + delete: two round trips each) in flight behind the
+    # applies; at 50 ms RTT, 16 keep up with ~150 small files a second.
+    archive_concurrency: int = 16
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ ON CONFLICT (cluster, location) DO UPDATE SET
     geom = EXCLUDED.geom, distance_km = EXCLUDED.distance_km, status = 'ok', provider = 'manual',
     verified = true, last_error = NULL, retry_at = NULL, geocoded_at = now(), updated_at = now()
 """
-CLEAN_LOCATION = "SELECT tickets.clean_location($1, $2)"
+# The same key as the ticket tables' generated location_key (migration 0003).
+CLEAN_LOCATION = "SELECT left(tickets.clean_location($1, $2), 200)"
 
 
 def utc_now() -> datetime:

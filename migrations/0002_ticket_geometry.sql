@@ -1,5 +1,6 @@
--- Where a ticket is: the columns routing and the map read. `geom` is the resolved
--- point; `geog` (for metres and "nearest") and `latitude`/`longitude` follow it
+-- Where a ticket is: the columns routing and the map read. `feed_geom` is the
+-- feed's own point, if it has one (computed once per row version, not on every
+-- resolution); `geom` is the resolved point; `geog` (for metres and "nearest") and `latitude`/`longitude` follow it
 -- automatically as generated columns, so nothing can update one and forget another.
 -- Resolution order: feed coordinates → geocoded location → cluster centroid → none
 -- (tickets.resolve_ticket_geo; the gazetteer migration extends it).
@@ -27,6 +28,8 @@ LANGUAGE plpgsql AS $fn$
 BEGIN
     EXECUTE format($ddl$
         ALTER TABLE tickets.%1$I
+            ADD COLUMN IF NOT EXISTS feed_geom geometry(Point, 4326)
+                GENERATED ALWAYS AS (tickets.feed_point(raw)) STORED,
             ADD COLUMN IF NOT EXISTS geom geometry(Point, 4326),
             ADD COLUMN IF NOT EXISTS geo_source text
                 CHECK (geo_source IN ('feed', 'location', 'cluster')),
@@ -68,10 +71,10 @@ DECLARE
 BEGIN
     EXECUTE format($sql$
         UPDATE %s AS t
-        SET geom = tickets.feed_point(t.raw), geo_source = 'feed'
+        SET geom = t.feed_geom, geo_source = 'feed'
         WHERE t.source_key = $1
-          AND tickets.feed_point(t.raw) IS NOT NULL
-          AND (t.geom IS NULL OR NOT ST_Equals(t.geom, tickets.feed_point(t.raw)))
+          AND t.feed_geom IS NOT NULL
+          AND (t.geom IS NULL OR NOT ST_Equals(t.geom, t.feed_geom))
         $sql$, p_table) USING p_source_key;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;

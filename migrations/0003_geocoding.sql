@@ -108,6 +108,37 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         '')
 $$;
 
+-- The cleaned place, stored with each ticket: resolution joins on it for every row a
+-- file writes, and a gazetteer correction finds its tickets by it (indexed). Computing
+-- it once per row version, in the upsert, instead of on every resolution keeps both
+-- cheap. From raw because generated columns cannot read other generated columns;
+-- capped like `cluster` (0001) because it is indexed.
+CREATE OR REPLACE FUNCTION tickets.add_location_key(p_name text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    EXECUTE format($ddl$
+        ALTER TABLE tickets.%1$I ADD COLUMN IF NOT EXISTS location_key text
+            GENERATED ALWAYS AS (left(tickets.clean_location(nullif(raw->>'location_name', ''),
+                                                             left(nullif(raw->>'cluster', ''), 200)), 200)) STORED
+        $ddl$, p_name);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %1$I ON tickets.%2$I (cluster, location_key)',
+                   p_name || '_location_key_idx', p_name);
+END
+$fn$;
+
+SELECT tickets.add_location_key('inc');
+SELECT tickets.add_location_key('crq');
+
+-- New dataset tables get it too (0002 made create_dataset_table add the geometry).
+ALTER FUNCTION tickets.create_dataset_table(text) RENAME TO create_dataset_table_geo;
+CREATE FUNCTION tickets.create_dataset_table(p_name text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tickets.create_dataset_table_geo(p_name);
+    PERFORM tickets.add_location_key(p_name);
+END
+$$;
+
 -- Every table a dataset writes tickets to: those with the geometry columns.
 CREATE OR REPLACE FUNCTION tickets.ticket_tables() RETURNS SETOF regclass
 LANGUAGE sql STABLE AS $$
@@ -137,7 +168,7 @@ BEGIN
         filter := filter || ' AND t.cluster = $2';
     END IF;
     IF p_location IS NOT NULL THEN
-        filter := filter || ' AND tickets.clean_location(t.location_name, t.cluster) = $3';
+        filter := filter || ' AND t.location_key = $3';
     END IF;
     EXECUTE format($sql$
         WITH want AS (
@@ -147,11 +178,11 @@ BEGIN
                         WHEN gl.geom IS NOT NULL THEN 'location'
                         WHEN gc.geom IS NOT NULL THEN 'cluster' END AS src
             FROM %1$s AS t
-            CROSS JOIN LATERAL (SELECT tickets.feed_point(t.raw) AS g) AS fp
+            CROSS JOIN LATERAL (SELECT t.feed_geom AS g) AS fp
             LEFT JOIN tickets.geo_locations gl
                    ON fp.g IS NULL AND gl.status = 'ok'
                   AND gl.cluster = t.cluster
-                  AND gl.location = tickets.clean_location(t.location_name, t.cluster)
+                  AND gl.location = t.location_key
             LEFT JOIN tickets.geo_clusters gc
                    ON gc.status = 'ok' AND gc.cluster = t.cluster
             WHERE %2$s
@@ -251,13 +282,13 @@ DECLARE
 BEGIN
     FOR tbl IN SELECT * FROM tickets.ticket_tables() LOOP
         RETURN QUERY EXECUTE format($sql$
-            SELECT DISTINCT t.cluster, t.region, tickets.clean_location(t.location_name, t.cluster)
+            SELECT DISTINCT t.cluster, t.region, t.location_key
             FROM %s AS t
             WHERE t.is_actionable
               AND t.cluster IS NOT NULL
               AND coalesce(t.normalized_status, '') <> 'closed'
               AND t.closed_at IS NULL
-              AND tickets.feed_point(t.raw) IS NULL
+              AND t.feed_geom IS NULL
             $sql$, tbl);
     END LOOP;
 END

@@ -129,7 +129,9 @@ def bucket(s3_endpoint: str) -> Bucket:
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 
-def _admin(sql: str) -> None:
+def admin_sql(sql: str) -> None:
+    """Run one statement as the server's superuser (CREATE/DROP DATABASE and the like)."""
+
     async def go() -> None:
         conn = await asyncpg.connect(PG_ADMIN_URL)
         try:
@@ -147,8 +149,8 @@ def _db_url(name: str) -> str:
 @pytest.fixture(scope="session")
 def template_db() -> Iterator[str]:
     name = f"fleet_tpl_{os.getpid()}"
-    _admin(f"DROP DATABASE IF EXISTS {name}")
-    _admin(f"CREATE DATABASE {name}")
+    admin_sql(f"DROP DATABASE IF EXISTS {name}")
+    admin_sql(f"CREATE DATABASE {name}")
 
     async def migrate() -> None:
         conn = await asyncpg.connect(_db_url(name))
@@ -159,24 +161,24 @@ def template_db() -> Iterator[str]:
 
     asyncio.run(migrate())
     yield name
-    _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
 def db_url(template_db: str) -> Iterator[str]:
     name = f"fleet_t_{uuid.uuid4().hex[:12]}"
-    _admin(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    admin_sql(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield _db_url(name)
-    _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
 def empty_db_url() -> Iterator[str]:
     """A database with nothing in it, for migration tests."""
     name = f"fleet_e_{uuid.uuid4().hex[:12]}"
-    _admin(f"CREATE DATABASE {name}")
+    admin_sql(f"CREATE DATABASE {name}")
     yield _db_url(name)
-    _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # --- configuration and engine ------------------------------------------------------------

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetticketsd import feedgen
 
-from .conftest import REPO, Bucket, config_dict, csv_file, inc_key, poll, row, to_toml
+from .conftest import REPO, Bucket, admin_sql, config_dict, csv_file, inc_key, poll, row, to_toml
 
 NEVER = "0 0 1 1 *"  # a cron that will not fire during a test: only the start-up pass runs
 
@@ -224,27 +224,14 @@ def _create_table(name: str, url: str) -> None:
     asyncio.run(go())
 
 
-def _admin(sql: str) -> None:
-    from .conftest import PG_ADMIN_URL
-
-    async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
-
-
 def test_database_outage_readyz_fails_then_pass_resumes(
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
 ) -> None:
     dbname = db_url.rsplit("/", 1)[1]
     d, _ = start_daemon(schedule={"cron": "*/2 * * * * *"}, daemon={"pass_retry_attempts": 2})
     poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
-    _admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
-    _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}'")
+    admin_sql(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
+    admin_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}'")
     try:
         status = poll(lambda: (s := d.get("/readyz"))[0] == 503 and s, what="readyz 503")
         assert json.loads(status[1])["checks"]["database"] != "ok"
@@ -252,7 +239,7 @@ def test_database_outage_readyz_fails_then_pass_resumes(
         poll(lambda: (d.metric("fleettickets_poll_failures_total", dataset="inc", stage="apply") or 0) >= 1)
         assert d.get("/healthz")[0] == 200  # liveness does not depend on the database
     finally:
-        _admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
+        admin_sql(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
     poll(lambda: d.get("/readyz")[0] == 200, what="readyz 200 again")
     poll(lambda: d.metric("fleettickets_files_applied_total", dataset="inc") == 1, what="file applied")
     assert bucket.keys("automations/inc/changes/") == []

@@ -237,10 +237,18 @@ async def test_field_larger_than_csv_default_limit(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
     huge = "x" * 300_000  # csv's default field limit is 131,072
-    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1", location_name=huge)))
+    body = csv_file(row("T1", location_name=huge), row("T2", cluster=huge, normalized_status=huge))
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), body)
     report = await drain(engine, engine.config.dataset("inc"))
-    assert report.ok and report.rows_upserted == 1
+    assert report.ok and report.rows_upserted == 2
     assert len((await ticket(conn, "T1"))["location_name"]) == 300_000  # type: ignore[index]
+    # Indexed columns are capped (a btree entry must stay small); raw keeps the value.
+    t2 = await ticket(conn, "T2")
+    assert t2 is not None and len(t2["cluster"]) == 200 and len(t2["normalized_status"]) == 64
+    assert (
+        await conn.fetchval("SELECT length(raw->>'cluster') FROM tickets.inc WHERE ticket_id = 'T2'")
+        == 300_000
+    )
 
 
 @pytest.mark.parametrize(

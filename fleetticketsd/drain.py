@@ -484,6 +484,21 @@ def _observe_source(
             m.newest_source_ts.labels(dataset.name).set(wm_ts.timestamp())
 
 
+def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.DatasetState) -> None:
+    """Gauges whose truth is in the database, not in this process: with several
+    replicas (or after `skip` from a shell) the one that last drained is not
+    necessarily this one, and its alerts must not go stale here."""
+    m = engine.metrics
+    m.dataset_blocked.labels(dataset.name).set(1 if state.blocked else 0)
+    last = state.metadata.get("last_success_at")
+    if last:
+        at = datetime.fromisoformat(last).timestamp()
+        mine = m.registry.get_sample_value(
+            "fleettickets_last_success_timestamp_seconds", {"dataset": dataset.name}
+        )
+        m.last_success.labels(dataset.name).set(max(mine or 0.0, at))
+
+
 # --- status ----------------------------------------------------------------------------
 
 
@@ -497,6 +512,7 @@ async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
     pending = [f for f in listed if (f.key, f.etag) not in known]
     _observe_source(engine, dataset, listed, pending, state.watermark)
+    _observe_shared_state(engine, dataset, state)
     out: dict[str, Any] = {
         "watermark": state.watermark,
         "newest_key": listed[-1].key if listed else None,

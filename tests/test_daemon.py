@@ -213,6 +213,24 @@ def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_c
     poll(lambda: d.metric("fleettickets_files_applied_total", dataset="new") is None, what="series removed")
 
 
+def test_a_skip_from_a_shell_clears_the_daemons_blocked_gauge(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket
+) -> None:
+    bad = inc_key("2026-06-22T10-00-00.csv")
+    bucket.put(bad, b"not the feed")
+    d, _ = start_daemon()
+    poll(lambda: d.metric("fleettickets_dataset_blocked", dataset="inc") == 1, what="blocked")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "RUSTFS_"))}
+    res = subprocess.run(
+        [sys.executable, "-m", "fleetticketsd", "--config", str(d.config_path), "skip", "--dataset", "inc",
+         bad, "--reason", "test"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    # The cron sleeps; the source watcher reads the block state from the database.
+    poll(lambda: d.metric("fleettickets_dataset_blocked", dataset="inc") == 0, what="unblocked")
+
+
 def _create_table(name: str, url: str) -> None:
     async def go() -> None:
         conn = await asyncpg.connect(url)

@@ -33,7 +33,7 @@ try:
 except ImportError:  # optional: /proc is scanned instead
     psutil = None
 
-from .conftest import PG_ADMIN_URL, REPO, _admin, free_port, to_toml
+from .conftest import PG_ADMIN_URL, REPO, admin_sql, free_port, to_toml
 
 SCRIPT = REPO / "scripts" / "run.py"
 DEADLINE_S = 90.0  # start-up, seeded drain, and a fed delta drained by a later cron fire
@@ -45,7 +45,7 @@ def database_url() -> Iterator[str]:
     """A name that does not exist yet: the script has to create the database itself."""
     name = f"fleet_run_{uuid.uuid4().hex[:12]}"
     yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:

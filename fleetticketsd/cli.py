@@ -41,45 +41,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleetticketsd", description=__doc__.splitlines()[0] if __doc__ else None
     )
-    p.add_argument("--config", help=f"config file (default: ${'FLEETTICKETSD_CONFIG'}, else ./config.toml)")
+    config_help = "config file (default: $FLEETTICKETSD_CONFIG, else ./config.toml)"
+    p.add_argument("--config", help=config_help)
     p.add_argument("--version", action="version", version=f"fleetticketsd {__version__}")
+    # `fleetticketsd drain --config x` is as natural as `fleetticketsd --config x drain`:
+    # accept it after the command too, without letting a default there clobber the other.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", help="the daemon: scheduled drains, geocoding, HTTP endpoint")
+    sub.add_parser("run", parents=[after], help="the daemon: scheduled drains, geocoding, HTTP endpoint")
 
-    m = sub.add_parser("migrate", help="apply pending migrations")
+    m = sub.add_parser("migrate", parents=[after], help="apply pending migrations")
     m.add_argument("--check", action="store_true", help="only report; exit 1 if any are pending")
 
-    d = sub.add_parser("drain", help="one pass over the datasets, then exit")
+    d = sub.add_parser("drain", parents=[after], help="one pass over the datasets, then exit")
     d.add_argument("--dataset", action="append", default=[], metavar="NAME")
     d.add_argument("--dry-run", action="store_true", help="parse and upsert, then roll back")
     d.add_argument("--reseed", action="store_true", help="forget ledger and watermark; re-apply changes/")
     d.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("status", help="per-dataset watermark, lag, pending files, block")
+    s = sub.add_parser("status", parents=[after], help="per-dataset watermark, lag, pending files, block")
     s.add_argument("--json", action="store_true")
 
-    lf = sub.add_parser("load-file", help="apply one local CSV through the same engine and ledger")
+    lf = sub.add_parser(
+        "load-file", parents=[after], help="apply one local CSV through the same engine and ledger"
+    )
     lf.add_argument("path", type=Path)
     lf.add_argument("--dataset", required=True, metavar="NAME")
     lf.add_argument("--dry-run", action="store_true")
 
-    sk = sub.add_parser("skip", help="set a blocking file aside (to quarantine/) and unblock")
+    sk = sub.add_parser(
+        "skip", parents=[after], help="set a blocking file aside (to quarantine/) and unblock"
+    )
     sk.add_argument("key", metavar="KEY")
     sk.add_argument("--dataset", required=True, metavar="NAME")
     sk.add_argument("--reason", required=True)
 
-    sub.add_parser("check-config", help="validate the configuration and print it, secrets redacted")
+    sub.add_parser(
+        "check-config", parents=[after], help="validate the configuration and print it, secrets redacted"
+    )
 
     # --- geocoding (issue 4) ---
-    g = sub.add_parser("geocode", help="one geocoding pass (clusters, then locations), then exit")
+    g = sub.add_parser(
+        "geocode", parents=[after], help="one geocoding pass (clusters, then locations), then exit"
+    )
     g.add_argument("--clusters", action="store_true", help="only cluster centroids")
     g.add_argument("--locations", action="store_true", help="only locations (of clusters already known)")
     g.add_argument("--limit", type=int, metavar="N", help="send at most N requests")
     g.add_argument("--json", action="store_true")
-    gz = sub.add_parser("gazetteer", help="operators' corrections to the gazetteer")
+    gz = sub.add_parser("gazetteer", parents=[after], help="operators' corrections to the gazetteer")
     gz_sub = gz.add_subparsers(dest="gazetteer_command", required=True, metavar="ACTION")
-    gs = gz_sub.add_parser("set", help="set CLUSTER [LOCATION] to LAT LON, verified; tickets follow")
+    gs = gz_sub.add_parser(
+        "set", parents=[after], help="set CLUSTER [LOCATION] to LAT LON, verified; tickets follow"
+    )
     gs.add_argument("values", nargs="+", metavar="CLUSTER [LOCATION] LAT LON")
     return p
 

@@ -298,3 +298,16 @@ def test_drain_shows_progress_only_on_a_terminal(
     bucket.put(inc_key("2026-06-22T11-00-00.csv"), csv_file(row("T9")))
     piped = run_cli("drain", env=env)
     assert piped.returncode == 0 and "rows/s" not in piped.stderr + piped.stdout
+
+
+def test_config_option_before_or_after_the_command(
+    cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    env = cli_env()
+    path = env.pop("FLEETTICKETSD_CONFIG")
+    env["FLEETTICKETSD_CONFIG"] = str(tmp_path / "nowhere.toml")
+    for args in (("--config", path, "check-config"), ("check-config", "--config", path)):
+        res = run_cli(*args, env=env)
+        assert res.returncode == 0, res.stderr
+    res = run_cli("check-config", env=env)
+    assert res.returncode == 2 and "nowhere.toml" in res.stderr

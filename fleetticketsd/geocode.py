@@ -366,6 +366,9 @@ class Geocoder:
         self._stop = stop
         async with self:
             self._check_key()
+            # Export today's budget at once, not only after the first request.
+            with contextlib.suppress(*DB_ERRORS):
+                await self.budget_remaining()
             while not stop.is_set():
                 report = PassReport()
                 try:

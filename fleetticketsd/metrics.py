@@ -54,7 +54,7 @@ class Metrics:
         )
         self.files_quarantined = Counter(
             "fleettickets_files_quarantined",
-            "Bad files moved to quarantine/ (on_bad_file = quarantine, or skip)",
+            "Bad files a drain moved to quarantine/ (on_bad_file = quarantine)",
             ds,
             registry=r,
         )

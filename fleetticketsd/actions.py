@@ -56,15 +56,21 @@ async def skip(engine: Engine, dataset: DatasetConfig, key_or_name: str, reason:
         raise ActionError(
             f"{key_or_name!r} is not a change file of dataset {dataset.name} ({dataset.changes_prefix}…)"
         )
-    f = await engine.source.head(key)
     async with engine.pool.acquire() as conn:
         await _wait_lock(conn, dataset.name)
         try:
+            # Looked at only under the lock: a drain running meanwhile may have applied
+            # a fixed re-upload of this very key.
+            f = await engine.source.head(key)
             await ledger.ensure(conn, dataset.name)
             state = await ledger.state(conn, dataset.name)
             blocked_here = state.blocked is not None and state.blocked.key == key
             if f is None and not blocked_here:
                 raise ActionError(f"{key} is not under changes/ and does not block {dataset.name}")
+            if f is not None:
+                entry = (await ledger.entries(conn, dataset.name, [key])).get((key, f.etag))
+                if entry is not None and entry.status == "applied":
+                    raise ActionError(f"{key} (this version) is already applied; nothing to skip")
             etag = f.etag if f is not None else (state.blocked.etag if state.blocked else None) or ""
             async with conn.transaction():
                 await conn.execute(

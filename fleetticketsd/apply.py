@@ -39,9 +39,15 @@ _RAW_FIELDS = ", ".join(
 )
 RAW_EXPR = f"jsonb_build_object({_RAW_FIELDS}) || coalesce(extras::jsonb, jsonb_build_object())"
 
-# The stale-write guard (CONTRACT.md semantic 4) and no dead tuples for unchanged rows:
-# a row is only rewritten by a file at least as new as the one that last wrote it,
-# and only when its content differs. Within one file the last line of a ticket wins.
+# The stale-write guard (CONTRACT.md semantic 4): a row is only rewritten by a file at
+# least as new as the last one that carried it. "Carried", not "changed": a strictly
+# newer file with identical content still moves source_key forward, or a late file
+# between the two could later overwrite the newer (identical) state with older
+# content. That bump is the only write an unchanged row ever gets, and in this feed it
+# is rare (every row carries its export time in last_seen_at/updated_at); re-applying
+# the same key writes nothing, so unchanged rows leave no dead tuples. updated_at
+# moves only with content (capture_history finds a file's changes by it), and only
+# content changes count as updated. Within one file the last line of a ticket wins.
 # {table} is a validated, quoted identifier (config.TABLE_RE, db.qualified).
 UPSERT = (
     """
@@ -55,14 +61,17 @@ WITH src AS MATERIALIZED (
     INSERT INTO {table} AS t (ticket_id, raw, source_key)
     SELECT ticket_id, raw, $1 FROM src
     ON CONFLICT (ticket_id) DO UPDATE
-        SET raw = EXCLUDED.raw, source_key = EXCLUDED.source_key, updated_at = now()
+        SET raw = EXCLUDED.raw,
+            source_key = EXCLUDED.source_key,
+            updated_at = CASE WHEN t.raw IS DISTINCT FROM EXCLUDED.raw THEN now() ELSE t.updated_at END
         WHERE tickets.key_name(t.source_key) <= tickets.key_name(EXCLUDED.source_key)
-          AND t.raw IS DISTINCT FROM EXCLUDED.raw
-    RETURNING (xmax = 0) AS inserted
+          AND (t.raw IS DISTINCT FROM EXCLUDED.raw
+               OR tickets.key_name(t.source_key) < tickets.key_name(EXCLUDED.source_key))
+    RETURNING (xmax = 0) AS inserted, t.updated_at = now() AS changed
 )
 SELECT (SELECT count(*) FROM src) AS distinct_rows,
        count(*) FILTER (WHERE inserted) AS inserted,
-       count(*) FILTER (WHERE NOT inserted) AS updated
+       count(*) FILTER (WHERE NOT inserted AND changed) AS updated
 FROM up
 """
 )

@@ -209,7 +209,12 @@ class Daemon:
 
     async def _close_engine(self, engine: Engine, keep: Engine) -> None:
         if engine.pool is not keep.pool or engine is keep:
-            await engine.pool.close()
+            try:
+                # close() waits for every connection to be released; a rollback stuck
+                # on a dead database must not hang the shutdown.
+                await asyncio.wait_for(engine.pool.close(), timeout=10)
+            except TimeoutError:
+                engine.pool.terminate()
         if engine.source is not keep.source or engine is keep:
             await engine.source.__aexit__(None, None, None)
 
@@ -307,6 +312,9 @@ class Daemon:
                         await status(self.engine, ds)
                     except WATCH_ERRORS as exc:
                         log.warning("source check failed", error=str(exc))
+                    except Exception:  # e.g. a client closed under it by a reload
+                        # Only gauges ride on this; it must never take the daemon down.
+                        log.exception("source check failed unexpectedly")
 
     async def _reloader(self) -> None:
         while not self.stopping.is_set():

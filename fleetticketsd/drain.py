@@ -36,6 +36,10 @@ from .source import ChangeFile, S3Source, SourceError
 
 log = structlog.get_logger("fleetticketsd.drain")
 
+# The database refusing a value (class 22) or hitting a limit (class 54, e.g. a btree
+# entry too large): deterministic for the same bytes, unlike a lost connection.
+DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+
 # Errors that mean "the database or the network failed", not "this code is wrong".
 DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -347,6 +351,15 @@ async def _apply_one(
     except BadFile as exc:
         m.poll_failures.labels(dataset.name, "parse").inc()
         await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
+        return None
+    except DATA_ERRORS as exc:
+        # The database refused a value in this file (SQLSTATE classes 22 and 54). The
+        # schema is built so that this should not happen; if it does, the same bytes
+        # will fail the same way on every retry, so it is a bad file, not an outage:
+        # block (or quarantine) at this key with the reason, instead of retrying forever.
+        m.poll_failures.labels(dataset.name, "apply").inc()
+        bad = BadFile(f"database rejected the file: {type(exc).__name__}: {exc}")
+        await _bad_file(engine, conn, dataset, f, bad, report, dry_run)
         return None
     except SourceError as exc:
         raise DrainFailed("fetch", str(exc)) from exc

@@ -33,6 +33,7 @@ DROPPED: frozenset[str] = frozenset(
 )  # fmt: skip
 KEPT: tuple[str, ...] = tuple(c for c in COLUMNS if c not in DROPPED)
 SENTINEL_PREFIX = "EXPORT STOPPED"
+MAX_TICKET_ID_CHARS = 256
 
 # File names are the export's start time in Nairobi wall-clock time.
 KEY_TIMEZONE = ZoneInfo("Africa/Nairobi")
@@ -281,6 +282,13 @@ class FeedParser:
             )
         if not ticket_id.strip():
             return self._reject(line_no, "empty ticket_id", "".join(batch[pos : pos + n]))
+        if len(ticket_id) > MAX_TICKET_ID_CHARS:
+            # The primary key's btree cannot hold a long one: it would fail the file.
+            return self._reject(
+                line_no,
+                f"ticket_id longer than {MAX_TICKET_ID_CHARS} characters",
+                "".join(batch[pos : pos + n]),
+            )
         if has_nul and any("\x00" in f for f in row):
             # PostgreSQL text and jsonb cannot hold NUL; one such row must not fail the file.
             raw = "".join(batch[pos : pos + n]).replace("\x00", "\\0")

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aioboto3
+import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -153,7 +154,8 @@ class S3Source:
             try:
                 while chunk := await body.read(chunk_bytes):
                     yield chunk
-            except (ClientError, BotoCoreError, OSError) as exc:
+            except (ClientError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
+                # A body cut off mid-stream surfaces as aiohttp's ClientPayloadError.
                 raise SourceError("read", file.key, exc) from exc
 
         try:

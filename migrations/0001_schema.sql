@@ -62,6 +62,7 @@ BEGIN
     RETURN CASE
         WHEN v IS NULL OR v = '' THEN NULL
         WHEN translate(v, '0123456789T', '0000000000 ') = '0000-00-00 00:00:00'
+         AND substr(v, 1, 4)::int >= 1
          AND substr(v, 6, 2)::int BETWEEN 1 AND 12
          AND substr(v, 9, 2)::int BETWEEN 1 AND CASE
                 WHEN substr(v, 6, 2)::int IN (4, 6, 9, 11) THEN 30

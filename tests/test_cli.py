@@ -311,3 +311,19 @@ def test_config_option_before_or_after_the_command(
         assert res.returncode == 0, res.stderr
     res = run_cli("check-config", env=env)
     assert res.returncode == 2 and "nowhere.toml" in res.stderr
+
+
+def test_skip_refuses_a_version_that_is_already_applied(
+    cli_env: Callable[..., dict[str, str]], bucket: Bucket, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = cli_env()
+    key = inc_key("2026-06-22T10-00-00.csv")
+    body = csv_file(row("T1"))
+    bucket.put(key, body)
+    assert run_cli("drain", env=env).returncode == 0
+    bucket.put(key, body)  # back under changes/ (say its archive failed), same bytes
+    res = run_cli("skip", "--dataset", "inc", key, "--reason", "oops", env=env)
+    assert res.returncode == 1 and "already applied" in res.stderr
+    assert (
+        fetch(db_url, "SELECT status FROM tickets.ingest_files WHERE key = $1", key)[0]["status"] == "applied"
+    )

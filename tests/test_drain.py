@@ -177,9 +177,10 @@ async def test_identical_rows_are_not_counted_or_rewritten(
     bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2")))
     await drain(engine, engine.config.dataset("inc"))
     xmin = await conn.fetchval("SELECT xmin::text FROM tickets.inc WHERE ticket_id = 'T1'")
-    bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("T1"), row("T2", owner="X")))
+    # A re-export of the same key (new ETag): T1 identical, T2 changed, T3 new.
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2", owner="X"), row("T3")))
     report = await drain(engine, engine.config.dataset("inc"))
-    assert report.rows_upserted == 1
+    assert report.rows_upserted == 2
     assert await conn.fetchval("SELECT xmin::text FROM tickets.inc WHERE ticket_id = 'T1'") == xmin
 
 
@@ -427,3 +428,57 @@ async def test_reseed_with_nothing_under_changes_is_refused(
         "SELECT metadata->>'source_max_key' FROM tickets.import_meta WHERE dataset='inc'"
     )
     assert wm == inc_key("2026-06-22T10-00-00.csv")
+
+
+async def test_identical_content_in_a_newer_file_still_guards_against_a_late_one(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    ds = engine.config.dataset("inc")
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1", raw_status="open")))
+    await drain(engine, ds)
+    updated_at = await conn.fetchval("SELECT updated_at FROM tickets.inc WHERE ticket_id = 'T1'")
+    # A newer export carries T1 unchanged: not counted, content untouched, but it is
+    # now the newest file that carried T1.
+    newer = inc_key("2026-06-22T10-40-00.csv")
+    bucket.put(newer, csv_file(row("T1", raw_status="open")))
+    report = await drain(engine, ds)
+    assert report.files_applied == 1 and report.rows_upserted == 0
+    t1 = await ticket(conn, "T1")
+    assert t1 is not None and t1["source_key"] == newer and t1["updated_at"] == updated_at
+    # A late file between the two must not bring back its older state.
+    bucket.put(inc_key("2026-06-22T10-20-00.csv"), csv_file(row("T1", raw_status="closed")))
+    late = await drain(engine, ds)
+    assert late.files_applied == 1 and late.rows_upserted == 0
+    assert (await ticket(conn, "T1"))["raw_status"] == "OPEN"  # type: ignore[index]
+
+
+async def test_values_the_schema_cannot_hold_never_fail_a_file(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    body = csv_file(
+        row("T1", created_at="0000-01-01 00:00:00", closed_at="9999-12-31 23:59:59", mttr="1e999"),
+        row("T" * 3000),
+    )
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), body)
+    report = await drain(engine, engine.config.dataset("inc"))
+    assert report.ok and report.rows_upserted == 1 and report.rows_rejected == 1
+    t1 = await ticket(conn, "T1")
+    assert t1 is not None and t1["source_created_at"] is None and t1["mttr_minutes"] is None
+    reason = await conn.fetchval("SELECT reason FROM tickets.ingest_rejects")
+    assert reason == "ticket_id longer than 256 characters"
+
+
+async def test_a_file_the_database_refuses_blocks_at_its_key(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    # A generated column this file's value cannot satisfy stands in for any value the
+    # schema refuses (SQLSTATE class 22): the same bytes would fail on every retry.
+    await conn.execute(
+        "ALTER TABLE tickets.inc ADD COLUMN owner_no int GENERATED ALWAYS AS ((raw->>'owner')::int) STORED"
+    )
+    bad = inc_key("2026-06-22T10-00-00.csv")
+    bucket.put(bad, csv_file(row("T1", owner="not a number")))
+    report = await drain(engine, engine.config.dataset("inc"))
+    assert report.blocked is not None and report.blocked.key == bad
+    assert "database rejected the file" in report.blocked.reason and report.failed is None
+    assert await conn.fetchval("SELECT blocked_key FROM tickets.import_meta WHERE dataset = 'inc'") == bad

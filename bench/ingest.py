@@ -72,9 +72,12 @@ FROM (SELECT *, NULL::text AS extras FROM floor_in) f
 WHERE lower(is_alarm) <> 'true' AND ticket_id NOT LIKE '{sentinel}%'
 ORDER BY ticket_id
 ON CONFLICT (ticket_id) DO UPDATE
-    SET raw = EXCLUDED.raw, source_key = EXCLUDED.source_key, updated_at = now()
+    SET raw = EXCLUDED.raw,
+        source_key = EXCLUDED.source_key,
+        updated_at = CASE WHEN t.raw IS DISTINCT FROM EXCLUDED.raw THEN now() ELSE t.updated_at END
     WHERE tickets.key_name(t.source_key) <= tickets.key_name(EXCLUDED.source_key)
-      AND t.raw IS DISTINCT FROM EXCLUDED.raw;
+      AND (t.raw IS DISTINCT FROM EXCLUDED.raw
+           OR tickets.key_name(t.source_key) < tickets.key_name(EXCLUDED.source_key));
 COMMIT;
 """
 RESET_SQL = (

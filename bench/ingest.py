@@ -47,7 +47,7 @@ import boto3
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleetticketsd import db, feedgen
-from fleetticketsd.apply import RAW_EXPR
+from fleetticketsd.apply import GUARDED_CONFLICT, RAW_EXPR
 from fleetticketsd.config import Config, parse
 from fleetticketsd.drain import Engine, drain
 from fleetticketsd.feed import COLUMNS, SENTINEL_PREFIX
@@ -71,13 +71,7 @@ SELECT DISTINCT ON (ticket_id) ticket_id, {raw}, '{key}'
 FROM (SELECT *, NULL::text AS extras FROM floor_in) f
 WHERE lower(is_alarm) <> 'true' AND ticket_id NOT LIKE '{sentinel}%'
 ORDER BY ticket_id
-ON CONFLICT (ticket_id) DO UPDATE
-    SET raw = EXCLUDED.raw,
-        source_key = EXCLUDED.source_key,
-        updated_at = CASE WHEN t.raw IS DISTINCT FROM EXCLUDED.raw THEN now() ELSE t.updated_at END
-    WHERE tickets.key_name(t.source_key) <= tickets.key_name(EXCLUDED.source_key)
-      AND (t.raw IS DISTINCT FROM EXCLUDED.raw
-           OR tickets.key_name(t.source_key) < tickets.key_name(EXCLUDED.source_key));
+{guard};
 COMMIT;
 """
 RESET_SQL = (
@@ -205,7 +199,12 @@ async def bench_baseline(db_url: str, endpoint: str, workdir: Path, runs: int) -
     floor_sql = workdir / "floor.sql"
     floor_sql.write_text(
         FLOOR_SQL.format(
-            columns=columns, path=path, raw=RAW_EXPR, key=key_of(path.name), sentinel=SENTINEL_PREFIX
+            columns=columns,
+            path=path,
+            raw=RAW_EXPR,
+            key=key_of(path.name),
+            sentinel=SENTINEL_PREFIX,
+            guard=GUARDED_CONFLICT.strip(),
         )
     )
     psql = shutil.which("psql") or "psql"

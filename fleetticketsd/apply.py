@@ -49,6 +49,15 @@ RAW_EXPR = f"jsonb_build_object({_RAW_FIELDS}) || coalesce(extras::jsonb, jsonb_
 # moves only with content (capture_history finds a file's changes by it), and only
 # content changes count as updated. Within one file the last line of a ticket wins.
 # {table} is a validated, quoted identifier (config.TABLE_RE, db.qualified).
+GUARDED_CONFLICT = """
+    ON CONFLICT (ticket_id) DO UPDATE
+        SET raw = EXCLUDED.raw,
+            source_key = EXCLUDED.source_key,
+            updated_at = CASE WHEN t.raw IS DISTINCT FROM EXCLUDED.raw THEN now() ELSE t.updated_at END
+        WHERE tickets.key_name(t.source_key) <= tickets.key_name(EXCLUDED.source_key)
+          AND (t.raw IS DISTINCT FROM EXCLUDED.raw
+               OR tickets.key_name(t.source_key) < tickets.key_name(EXCLUDED.source_key))
+"""
 UPSERT = (
     """
 WITH src AS MATERIALIZED (
@@ -59,15 +68,9 @@ WITH src AS MATERIALIZED (
     ORDER BY ticket_id, line DESC
 ), up AS (
     INSERT INTO {table} AS t (ticket_id, raw, source_key)
-    SELECT ticket_id, raw, $1 FROM src
-    ON CONFLICT (ticket_id) DO UPDATE
-        SET raw = EXCLUDED.raw,
-            source_key = EXCLUDED.source_key,
-            updated_at = CASE WHEN t.raw IS DISTINCT FROM EXCLUDED.raw THEN now() ELSE t.updated_at END
-        WHERE tickets.key_name(t.source_key) <= tickets.key_name(EXCLUDED.source_key)
-          AND (t.raw IS DISTINCT FROM EXCLUDED.raw
-               OR tickets.key_name(t.source_key) < tickets.key_name(EXCLUDED.source_key))
-    RETURNING (xmax = 0) AS inserted, t.updated_at = now() AS changed
+    SELECT ticket_id, raw, $1 FROM src"""
+    + GUARDED_CONFLICT
+    + """    RETURNING (xmax = 0) AS inserted, t.updated_at = now() AS changed
 )
 SELECT (SELECT count(*) FROM src) AS distinct_rows,
        count(*) FILTER (WHERE inserted) AS inserted,

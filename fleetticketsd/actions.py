@@ -20,7 +20,6 @@ from .apply import FileResult, apply_file
 from .config import DatasetConfig
 from .drain import Engine, error_document, is_late
 from .feed import BadFile, file_name, key_timestamp
-from .source import ChangeFile
 
 LOCK_WAIT_S = 30.0
 
@@ -177,6 +176,3 @@ async def load_file(engine: Engine, dataset: DatasetConfig, path: Path, dry_run:
         m.files_applied.labels(dataset.name).inc()
         m.rows_upserted.labels(dataset.name).inc(out.result.upserted)
     return out
-
-
-__all__ = ["ActionError", "ChangeFile", "load_file", "skip"]

@@ -15,8 +15,8 @@ import asyncpg
 
 from . import ledger
 from .config import DatasetConfig
-from .db import qualified, quote_ident
-from .feed import KEPT, RECORD_COLUMNS, BadFile, FeedParser, ParseStats, Record
+from .db import qualified
+from .feed import KEPT, RECORD_COLUMNS, FeedParser, ParseStats, Record
 
 # Rows for this file only. The temp table lives as long as its connection and is
 # emptied at every commit (ON COMMIT DELETE ROWS): creating and dropping it per file
@@ -207,6 +207,3 @@ def _result(key: str, etag: str, late: bool, stats: ParseStats, row: asyncpg.Rec
         extra_columns=stats.extra_columns,
         reject_reasons=reasons,
     )
-
-
-__all__ = ["BadFile", "FileResult", "apply_file", "quote_ident"]

@@ -11,7 +11,6 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -179,7 +178,3 @@ def quote_ident(name: str) -> str:
 
 def qualified(schema: str, name: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(name)}"
-
-
-def as_dict(record: Any) -> dict[str, Any]:
-    return dict(record) if record is not None else {}

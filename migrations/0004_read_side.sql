@@ -487,8 +487,11 @@ BEGIN
             FROM o
             UNION ALL
             SELECT 'closed', c.owner, c.assigned_team, NULL, c.mttr_minutes, c.sla_status FROM c
-        ), by_owner AS (
-            SELECT u.owner AS k,
+        ), breakdown AS (
+            -- One pass over u for both breakdowns; GROUPING tells the two sets apart
+            -- (a NULL owner or team is a real group, not the other set's rows).
+            SELECT CASE WHEN GROUPING(u.owner) = 0 THEN 'owner' ELSE 'assigned_team' END AS dim,
+                   coalesce(u.owner, u.assigned_team) AS k,
                    count(*) FILTER (WHERE kind = 'open') AS open,
                    count(*) FILTER (WHERE sla_state = 'breached') AS breached,
                    count(*) FILTER (WHERE sla_state = 'at_risk') AS at_risk,
@@ -496,17 +499,7 @@ BEGIN
                    percentile_cont(0.5) WITHIN GROUP (ORDER BY minutes) AS mttr_median,
                    100.0 * count(*) FILTER (WHERE sla_status = 'met')
                        / nullif(count(*) FILTER (WHERE sla_status IS NOT NULL), 0) AS compliance
-            FROM u GROUP BY u.owner
-        ), by_team AS (
-            SELECT u.assigned_team AS k,
-                   count(*) FILTER (WHERE kind = 'open') AS open,
-                   count(*) FILTER (WHERE sla_state = 'breached') AS breached,
-                   count(*) FILTER (WHERE sla_state = 'at_risk') AS at_risk,
-                   count(*) FILTER (WHERE kind = 'closed') AS closed,
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY minutes) AS mttr_median,
-                   100.0 * count(*) FILTER (WHERE sla_status = 'met')
-                       / nullif(count(*) FILTER (WHERE sla_status IS NOT NULL), 0) AS compliance
-            FROM u GROUP BY u.assigned_team
+            FROM u GROUP BY GROUPING SETS ((u.owner), (u.assigned_team))
         )
         SELECT jsonb_build_object(
             'generated_at', now(),
@@ -572,14 +565,14 @@ BEGIN
                            'closed', b.closed, 'mttr_median_minutes', round(b.mttr_median::numeric, 1),
                            'sla_compliance_pct', round(b.compliance, 1))
                        ORDER BY b.open DESC, b.closed DESC, b.k NULLS LAST)
-                FROM by_owner b), '[]'::jsonb),
+                FROM breakdown b WHERE b.dim = 'owner'), '[]'::jsonb),
             'by_team', coalesce((
                 SELECT jsonb_agg(jsonb_build_object(
                            'assigned_team', b.k, 'open', b.open, 'breached', b.breached, 'at_risk', b.at_risk,
                            'closed', b.closed, 'mttr_median_minutes', round(b.mttr_median::numeric, 1),
                            'sla_compliance_pct', round(b.compliance, 1))
                        ORDER BY b.open DESC, b.closed DESC, b.k NULLS LAST)
-                FROM by_team b), '[]'::jsonb),
+                FROM breakdown b WHERE b.dim = 'assigned_team'), '[]'::jsonb),
             'freshness', reporting.fn_freshness())
     );
 END

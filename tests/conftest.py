@@ -323,3 +323,15 @@ def run_cli(*args: str, env: dict[str, str], timeout_s: float = 120) -> subproce
         timeout=timeout_s,
         cwd=REPO,
     )
+
+
+def spawn_cli(*args: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`fleetticketsd ARGS` in the background, its logs (stderr) going to log_path."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fleetticketsd", *args],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )

@@ -16,7 +16,7 @@ import pytest
 
 from fleetticketsd import feedgen
 
-from .conftest import REPO, SAMPLE, Bucket, csv_file, inc_key, poll, row, run_cli
+from .conftest import REPO, SAMPLE, Bucket, csv_file, inc_key, poll, row, run_cli, spawn_cli
 
 
 async def _fetch(db_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -241,14 +241,7 @@ def test_kill_9_mid_file_then_clean_resume(
     bucket.put(key, path.read_bytes())
     bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("AFTER")))
     log_path = tmp_path / "drain.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetticketsd", "drain"],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    proc = spawn_cli("drain", env=env, log_path=log_path)
     poll(lambda: "applying file" in log_path.read_text(), what="drain in the middle of the file")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)

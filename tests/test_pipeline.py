@@ -19,7 +19,7 @@ from fleetticketsd.drain import Engine, drain
 from fleetticketsd.metrics import Metrics
 from fleetticketsd.source import ChangeFile, S3Source, SourceError
 
-from .conftest import REPO, Bucket, csv_file, inc_key, poll, row
+from .conftest import REPO, Bucket, csv_file, inc_key, poll, row, spawn_cli
 
 
 def name(i: int) -> str:
@@ -150,14 +150,7 @@ def test_kill_during_a_pipelined_drain_then_the_next_pass_completes(
         bucket.put(inc_key(name(i)), csv_file(*(row(f"T{i}-{j}", owner=str(i)) for j in range(50))))
     env = cli_env(logging={"format": "json"}, ingest={"prefetch_files": 8})
     log_path = tmp_path / "drain.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetticketsd", "drain"],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    proc = spawn_cli("drain", env=env, log_path=log_path)
     poll(lambda: log_path.read_text().count('"file applied"') >= 10, what="ten files applied")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)

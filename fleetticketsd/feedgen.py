@@ -136,7 +136,12 @@ _CHUNK_ROWS: Final = 4096
 
 # The export stamps first_seen_at this long after the service's own creation time.
 _FIRST_SEEN_LAG_S: Final = 420
-_HISTORY_S: Final = 21 * 86400
+# A baseline ticket is at least this old, so first_seen_at (created + 7 min) is not in
+# the future.
+_MIN_AGE_S: Final = 480
+# Resolution times are lognormal around the dataset's median with this sigma: most
+# tickets close within a day or two, a long tail stays open for weeks.
+_MTTR_SIGMA: Final = 1.1
 
 # (cluster, region as the export spells it, weight). Regions are fixed per cluster, as in
 # the sample, so a cluster never flips region between rows; the odd-case spellings are the
@@ -271,8 +276,13 @@ class FeedSpec:
     # Zero-based indices of deltas to emit as header-only files (the export does that).
     header_only_deltas: frozenset[int] = field(default_factory=frozenset)
     # Share of baseline tickets already closed; the sample's 60 rows happen to be all open,
-    # but a real ~35k full-state export carries the last weeks' closures too.
-    closed_share: float = 0.35
+    # but a real ~35k full-state export carries the last weeks' closures too. None closes
+    # a ticket once a resolution time drawn from the dataset's MTTR distribution has
+    # passed, as a live system does: the open backlog then follows from the arrival rate
+    # (baseline_rows over history_days) instead of being set.
+    closed_share: float | None = 0.35
+    # Baseline tickets were created uniformly over this many days before ``start``.
+    history_days: float = 21.0
 
     def __post_init__(self) -> None:
         if self.dataset not in _PROFILES:
@@ -282,8 +292,10 @@ class FeedSpec:
         if self.deltas and self.delta_interval_s < 1:
             # File names have one-second resolution; closer deltas would collide.
             raise ValueError("delta_interval_s must be >= 1 second")
-        if not 0.0 <= self.closed_share <= 1.0:
+        if self.closed_share is not None and not 0.0 <= self.closed_share <= 1.0:
             raise ValueError("closed_share must be within [0, 1]")
+        if not self.history_days * 86400 > 2 * _MIN_AGE_S:
+            raise ValueError("history_days must be more than a few minutes")
 
 
 # --------------------------------------------------------------------------- time helpers
@@ -354,7 +366,8 @@ class _RowFactory:
         self.dataset = spec.dataset
         self.department = self.profile.department
         self.mu = math.log(self.profile.mttr_median_min)
-        cs = spec.closed_share
+        self.history_s = round(spec.history_days * 86400)
+        cs = spec.closed_share if spec.closed_share is not None else self._expected_closed_share()
         # Solve (1-cs)*p_open + cs*p_closed = 0.30 so the overall share holds for any mix.
         p_closed = min(_CREATED_EMPTY_SHARE_CLOSED, _CREATED_EMPTY_SHARE)
         if cs < 1.0:
@@ -383,6 +396,18 @@ class _RowFactory:
         self._now_str = ""
         self._now_key = ""
 
+    def _expected_closed_share(self) -> float:
+        """Share closed by age (closed_share=None), to keep ~30% without a service time."""
+        # Ages are uniform over the history; a ticket is closed when its lognormal
+        # duration is below its age. Averaged on a grid: exactness does not matter here.
+        steps = 200
+        total = 0.0
+        for i in range(steps):
+            age_min = (_MIN_AGE_S + (i + 0.5) / steps * (self.history_s - _MIN_AGE_S)) / 60.0
+            z = (math.log(age_min) - self.mu) / _MTTR_SIGMA
+            total += 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+        return total / steps
+
     def ticket_id(self, seq: int) -> str:
         return f"{self.prefix}{seq:012d}"
 
@@ -400,8 +425,8 @@ class _RowFactory:
         auto = r() < (0.5 if row[C_IS_ALARM] == "true" else 0.05)
         row[C_IS_AUTO_CLOSED] = "true" if auto else "false"
 
-    def new(self, seq: int, now_s: int, created: int, closed: bool) -> list[str]:
-        """A complete row for ticket ``seq`` as exported at ``now_s``."""
+    def new(self, seq: int, now_s: int, created: int, closed: bool, dur: int | None = None) -> list[str]:
+        """A complete row for ticket ``seq`` as exported at ``now_s``; ``dur``: seconds to close."""
         # Written for speed (locals, inlined _fmt): it runs 1.2M times for the benchmark.
         r = self.rng.random
         days, hms = _DAYS, _HMS
@@ -464,18 +489,22 @@ class _RowFactory:
             now_str,
         ]
         if closed:
-            limit = now_s - 30 - created
-            dur = int(self.rng.lognormvariate(self.mu, 1.1) * 60.0)
-            if dur < 60 or dur > limit:
-                dur = 60 + int(r() * max(1, limit - 60))
+            if dur is None:
+                limit = now_s - 30 - created
+                dur = int(self.rng.lognormvariate(self.mu, _MTTR_SIGMA) * 60.0)
+                if dur < 60 or dur > limit:
+                    dur = 60 + int(r() * max(1, limit - 60))
             self.close(row, created, created + dur)
         return row
 
     def baseline_ticket(self, seq: int, now_s: int) -> tuple[list[str], int]:
         r = self.rng.random
-        # At least 8 minutes old so first_seen_at (created + 7 min) is not in the future.
-        created = now_s - 480 - int(r() * (_HISTORY_S - 480))
-        return self.new(seq, now_s, created, r() < self.spec.closed_share), created
+        created = now_s - _MIN_AGE_S - int(r() * (self.history_s - _MIN_AGE_S))
+        if self.spec.closed_share is not None:
+            return self.new(seq, now_s, created, r() < self.spec.closed_share), created
+        dur = max(60, int(self.rng.lognormvariate(self.mu, _MTTR_SIGMA) * 60.0))
+        closed = created + dur <= now_s - 30
+        return self.new(seq, now_s, created, closed, dur if closed else None), created
 
 
 def _s3_key(now_s: int) -> str:
@@ -847,6 +876,15 @@ def _parse_start(value: str) -> datetime | None:
         raise argparse.ArgumentTypeError(f"not an ISO datetime or 'now': {value!r}") from exc
 
 
+def _parse_closed_share(value: str) -> float | None:
+    if value == "age":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a share like 0.35 nor 'age'") from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     defaults = FeedSpec()
@@ -863,7 +901,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="baseline time, naive EAT ISO datetime, or 'now' to end the seeded files "
         "at the current time (default: %(default)s)",
     )
-    common.add_argument("--closed-share", type=float, default=defaults.closed_share)
+    common.add_argument(
+        "--closed-share",
+        type=_parse_closed_share,
+        default=defaults.closed_share,
+        help="share of baseline tickets already closed, or 'age' to close each once its drawn "
+        "resolution time has passed (default: %(default)s)",
+    )
+    common.add_argument(
+        "--history-days",
+        type=float,
+        default=defaults.history_days,
+        help="baseline tickets were created over this many days (default: %(default)s)",
+    )
     common.add_argument(
         "--header-only-delta",
         type=int,
@@ -916,6 +966,7 @@ def _spec_from_args(args: argparse.Namespace) -> FeedSpec:
         crlf=args.crlf,
         header_only_deltas=frozenset(args.header_only_delta),
         closed_share=args.closed_share,
+        history_days=args.history_days,
     )
 
 

@@ -354,6 +354,18 @@ def test_write_dir_and_cli(tmp_path: Path) -> None:
     assert data.startswith(b"\xef\xbb\xbf") and b'"\r\n"CRQ000000000001"' in data
     assert SENTINEL.encode() not in data
 
+    age = ["--baseline-rows", "300", "--deltas", "0", "--closed-share", "age", "--history-days", "40"]
+    assert feedgen.main(["write", "--out", str(tmp_path / "d"), *age]) == 0
+    spec = FeedSpec(baseline_rows=300, deltas=0, closed_share=None, history_days=40)
+    assert (tmp_path / "d" / "2026-06-22T15-50-39.csv").read_bytes() == next(iter(generate(spec)))[1]
+
+
+def test_cli_rejects_a_closed_share_it_cannot_read(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        feedgen.main(["write", "--out", "x", "--closed-share", "most"])
+    assert exc.value.code == 2
+    assert "'most' is neither a share like 0.35 nor 'age'" in capsys.readouterr().err
+
 
 def test_follow_keeps_names_increasing() -> None:
     spec = FeedSpec(baseline_rows=100, deltas=1, delta_rows=3)
@@ -390,9 +402,33 @@ def test_follow_keeps_names_increasing() -> None:
             assert first_seen.setdefault(row["ticket_id"], row["first_seen_at"]) == row["first_seen_at"]
 
 
+def test_closing_by_age_follows_the_mttr_model() -> None:
+    """closed_share=None: a ticket is closed once its drawn resolution time has passed."""
+    spec = FeedSpec(seed=8, baseline_rows=6_000, closed_share=None, history_days=60, sentinel=False)
+    _, data = next(iter(generate(spec)))
+    rows = tickets(data)
+    file_ts = "2026-06-22 15:50:39"
+    for row in rows:
+        assert_valid_row(row, "inc", file_ts)
+    created = {r["ticket_id"]: r["created_at_service"] or r["first_seen_at"] for r in rows}
+    open_rows = [r for r in rows if r["normalized_status"] == "open"]
+    # INC's median is 16 h with a long tail: over 60 days nearly all are closed, and
+    # those still open are mostly the youngest.
+    assert 0.005 < len(open_rows) / len(rows) < 0.05
+    young = "2026-06-19"
+    assert sum(created[r["ticket_id"]] >= young for r in open_rows) / len(open_rows) > 0.6
+    assert min(created.values()) < "2026-04-25"  # created over the whole 60 days
+    for r in rows:
+        if r["normalized_status"] == "closed":
+            # mttr is closed_at minus the service's creation time, kept within the file's time.
+            assert r["closed_at"] <= file_ts
+
+
 def test_spec_validation() -> None:
     with pytest.raises(ValueError):
         FeedSpec(dataset="xyz")
+    with pytest.raises(ValueError):
+        FeedSpec(history_days=0)
     with pytest.raises(ValueError):
         FeedSpec(delta_interval_s=0.5)
     with pytest.raises(ValueError):

@@ -92,6 +92,29 @@ async def test_sla_states_at_exact_boundaries(conn: asyncpg.Connection) -> None:
     }
 
 
+async def test_snapshot_counts_match_the_view_at_exact_boundaries(conn: asyncpg.Connection) -> None:
+    """capture_history() counts by clock ranges (an index-only scan), not through the
+    view: the two must agree exactly at 36 h and 48 h, and on tickets without a clock."""
+    async with conn.transaction():
+        await put(conn, "OK", created_at_service=ago("35:59:59.999999"))
+        await put(conn, "RISK36", created_at_service=ago("36 hours"))
+        await put(conn, "RISK48", created_at_service=ago("47:59:59.999999"))
+        await put(conn, "BREACH48", created_at_service=ago("48 hours"))
+        await put(conn, "FALLBACK", created_at_service="", first_seen_at=ago("50 hours"))
+        await put(conn, "NOCLOCK", created_at_service="", first_seen_at="")
+        await put(conn, "CLOSED", normalized_status="closed", created_at_service=ago("100 hours"))
+        await conn.execute("SELECT tickets.capture_history()")
+        snap = await conn.fetchrow(
+            "SELECT open_backlog, breached, at_risk FROM tickets.inc_daily_snapshot"
+            " WHERE day = reporting.eat_day(now())"
+        )
+        view = await conn.fetchrow(
+            "SELECT count(*) AS open_backlog, count(*) FILTER (WHERE sla_state = 'breached') AS breached,"
+            " count(*) FILTER (WHERE sla_state = 'at_risk') AS at_risk FROM tickets.inc_open_sla"
+        )
+    assert tuple(snap) == tuple(view) == (6, 2, 2)
+
+
 async def test_sla_clock_falls_back_to_first_seen(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         await put(conn, "FALLBACK", created_at_service="", first_seen_at=ago("40 hours"))
@@ -307,7 +330,7 @@ async def test_map_features_summary_and_freshness(
         fc = await fetch_json(conn, "SELECT reporting.fn_tickets_for_map()")
     assert fc["type"] == "FeatureCollection"
     by_id = {f["id"]: f for f in fc["features"]}
-    assert sorted(by_id) == ["C-OPEN", "I-CLOSED-NEW", "I-OPEN"]
+    assert list(by_id) == ["C-OPEN", "I-CLOSED-NEW", "I-OPEN"]  # by dataset, then ticket id
     assert by_id["I-OPEN"]["geometry"] == {"type": "Point", "coordinates": [36.78, -1.29]}
     props = by_id["I-OPEN"]["properties"]
     assert props["dataset"] == "inc" and props["sla_state"] == "at_risk" and props["geo_source"] == "cluster"

@@ -23,7 +23,7 @@ import asyncpg
 from . import __version__, db, logs
 from .actions import ActionError, load_file, skip
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
-from .drain import DrainReport, Engine, drain, status
+from .drain import DrainReport, Engine, drain, status, status_as_last_seen
 from .metrics import Metrics
 from .source import S3Source, SourceError
 from .terminal import DrainProgress, render_status
@@ -236,14 +236,30 @@ def _drain_line(r: DrainReport) -> str:
 
 async def cmd_status(config: Config, args: argparse.Namespace) -> int:
     extra: dict[str, str] = {}
-    async with engine_for(config) as engine:
+    detailed = not args.json
+    async with engine_for(config, need_source=False) as engine:
         out: dict[str, Any] = {}
+        try:
+            await engine.source.check()
+            unreachable = None
+        except SourceError as exc:
+            unreachable = f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
         for ds in config.enabled_datasets:
-            try:
-                out[ds.name] = await status(engine, ds, detailed=not args.json)
-            except SourceError as exc:
-                raise CommandError(str(exc)) from exc
-        if not args.json:
+            if unreachable is None:
+                try:
+                    out[ds.name] = await status(engine, ds, detailed=detailed)
+                    continue
+                except SourceError as exc:
+                    unreachable = str(exc)
+            # CONTRACT: status exits 0. Without the bucket it still says what the database
+            # knows, and says on stderr that the source half is as last seen.
+            out[ds.name] = await status_as_last_seen(engine, ds, unreachable, detailed=detailed)
+            print(
+                f"fleetticketsd: {ds.name}: {unreachable}; newest key, pending files and lag "
+                "are as the last listing saw them",
+                file=sys.stderr,
+            )
+        if detailed:
             extra = await _geocode_status(engine, config)
     if args.json:
         print(json.dumps({"datasets": out}))

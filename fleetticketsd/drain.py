@@ -518,12 +518,16 @@ def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.
 async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False) -> dict[str, Any]:
     """What `status --json` prints for one dataset (CONTRACT.md: exactly these keys);
     ``detailed`` adds what the terminal view shows beside them. Also refreshes the
-    source gauges."""
+    source gauges and records the listing."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
         listed = await engine.source.list_changes(dataset)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
-    pending = [f for f in listed if (f.key, f.etag) not in known]
+        pending = [f for f in listed if (f.key, f.etag) not in known]
+        # Kept for readers that cannot list S3: dashboards (reporting.fn_freshness) and
+        # status itself when the bucket is down.
+        newest = listed[-1].key if listed else None
+        await conn.execute(ledger.RECORD_SOURCE_SEEN_UNLESS_BUSY, dataset.name, newest, len(pending))
     _observe_source(engine, dataset, listed, pending, state.watermark)
     _observe_shared_state(engine, dataset, state)
     out: dict[str, Any] = {
@@ -534,9 +538,48 @@ async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False)
         "blocked": state.blocked.as_json() if state.blocked else None,
         "last_applied_at": state.last_applied_at.isoformat() if state.last_applied_at else None,
     }
-    if detailed:
-        wm_ts = key_timestamp(state.watermark) if state.watermark else None
-        out["watermark_age_seconds"] = (datetime.now(UTC) - wm_ts).total_seconds() if wm_ts else None
-        out["last_pass_at"] = state.metadata.get("last_pass_at")
-        out["last_pass_outcome"] = state.metadata.get("last_pass_outcome")
-    return out
+    return _with_details(out, state) if detailed else out
+
+
+async def status_as_last_seen(
+    engine: Engine, dataset: DatasetConfig, error: str, detailed: bool = False
+) -> dict[str, Any]:
+    """status() when the bucket cannot be listed: the same keys, with newest key, pending
+    files and lag as the last successful listing recorded them (the drain and the
+    daemon's source watcher write that to the database). An S3 outage is when an
+    operator most needs the database's half of the picture."""
+    async with engine.pool.acquire() as conn:
+        state = await ledger.state(conn, dataset.name)
+        seen_at = state.metadata.get("source_checked_at")
+        pending: int | None = state.metadata.get("pending_files")
+        if pending is not None and seen_at is not None:
+            # Counted before that pass applied anything; the ledger knows what it has since.
+            done = await conn.fetchval(ledger.FILES_DONE_SINCE, dataset.name, datetime.fromisoformat(seen_at))
+            pending = max(0, pending - done)
+    newest = state.metadata.get("newest_key")
+    newest_ts = key_timestamp(newest) if newest else None
+    wm_ts = key_timestamp(state.watermark) if state.watermark else None
+    lag = 0.0
+    if pending and newest_ts and wm_ts:
+        lag = max(0.0, (newest_ts - wm_ts).total_seconds())
+    out: dict[str, Any] = {
+        "watermark": state.watermark,
+        "newest_key": newest,
+        "pending_files": pending,
+        "lag_seconds": lag,
+        "blocked": state.blocked.as_json() if state.blocked else None,
+        "last_applied_at": state.last_applied_at.isoformat() if state.last_applied_at else None,
+    }
+    if not detailed:
+        return out
+    return _with_details(out, state) | {"source_error": error, "source_checked_at": seen_at}
+
+
+def _with_details(out: dict[str, Any], state: ledger.DatasetState) -> dict[str, Any]:
+    """What the terminal view shows beside the contract's keys."""
+    wm_ts = key_timestamp(state.watermark) if state.watermark else None
+    return out | {
+        "watermark_age_seconds": (datetime.now(UTC) - wm_ts).total_seconds() if wm_ts else None,
+        "last_pass_at": state.metadata.get("last_pass_at"),
+        "last_pass_outcome": state.metadata.get("last_pass_outcome"),
+    }

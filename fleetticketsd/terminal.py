@@ -51,6 +51,11 @@ def render_status(datasets: dict[str, dict[str, Any]], extra: dict[str, str] | N
                 f"{_short(wm)}  ({human_duration(st.get('watermark_age_seconds'))} old)" if wm else "-",
             ),
             ("newest in source", _short(st.get("newest_key"))),
+            *(
+                [("source", f"UNREACHABLE; figures as last listed ({_ago(st.get('source_checked_at'))})")]
+                if st.get("source_error")
+                else []
+            ),
             ("pending files", str(st.get("pending_files", "-"))),
             ("lag", human_duration(st.get("lag_seconds"))),
             ("blocked", f"{_short(blocked['key'])}: {blocked['reason']}" if blocked else "no"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -57,10 +58,38 @@ def test_drain_json_and_status_json(cli_env: Callable[..., dict[str, str]], buck
     assert s["last_applied_at"].startswith("20")
     human = run_cli("status", env=env)
     assert human.returncode == 0, human.stderr
-    import re
-
     assert re.search(r"pending files\s+1\n", human.stdout) and re.search(r"lag\s+2\.0h\n", human.stdout)
     assert "last pass" in human.stdout and ", ok" in human.stdout
+
+
+def test_status_without_the_bucket_reports_the_last_listing_and_exits_0(
+    cli_env: Callable[..., dict[str, str]], bucket: Bucket
+) -> None:
+    from .conftest import free_port
+
+    env = cli_env()
+    bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T0")))
+    assert run_cli("drain", env=env).returncode == 0
+    bucket.put(inc_key("2026-06-22T12-00-00.csv"), csv_file(row("T1")))
+    assert run_cli("status", "--json", env=env).returncode == 0  # this listing is recorded
+
+    gone = cli_env(s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "connect_timeout_s": 0.5})
+    res = run_cli("status", "--json", env=gone)
+    assert res.returncode == 0, res.stderr  # CONTRACT: status exits 0
+    inc = json.loads(res.stdout)["datasets"]["inc"]
+    assert inc == {
+        "watermark": inc_key("2026-06-22T10-00-00.csv"),
+        "newest_key": inc_key("2026-06-22T12-00-00.csv"),
+        "pending_files": 1,
+        "lag_seconds": 7200,
+        "blocked": None,
+        "last_applied_at": inc["last_applied_at"],
+    }
+    assert "inc: cannot reach bucket" in res.stderr and "as the last listing saw them" in res.stderr
+    assert "Traceback" not in res.stderr
+    human = run_cli("status", env=gone)
+    assert human.returncode == 0 and "UNREACHABLE; figures as last listed (" in human.stdout
+    assert re.search(r"pending files\s+1\n", human.stdout)
 
 
 def test_status_on_a_terminal_shows_geocode_queue_and_budget(

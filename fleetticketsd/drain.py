@@ -518,16 +518,12 @@ def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.
 async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False) -> dict[str, Any]:
     """What `status --json` prints for one dataset (CONTRACT.md: exactly these keys);
     ``detailed`` adds what the terminal view shows beside them. Also refreshes the
-    source gauges and records the listing."""
+    source gauges."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
         listed = await engine.source.list_changes(dataset)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
-        pending = [f for f in listed if (f.key, f.etag) not in known]
-        # Kept for readers that cannot list S3: dashboards (reporting.fn_freshness) and
-        # status itself when the bucket is down.
-        newest = listed[-1].key if listed else None
-        await conn.execute(ledger.RECORD_SOURCE_SEEN_UNLESS_BUSY, dataset.name, newest, len(pending))
+    pending = [f for f in listed if (f.key, f.etag) not in known]
     _observe_source(engine, dataset, listed, pending, state.watermark)
     _observe_shared_state(engine, dataset, state)
     out: dict[str, Any] = {
@@ -545,9 +541,13 @@ async def status_as_last_seen(
     engine: Engine, dataset: DatasetConfig, error: str, detailed: bool = False
 ) -> dict[str, Any]:
     """status() when the bucket cannot be listed: the same keys, with newest key, pending
-    files and lag as the last successful listing recorded them (the drain and the
-    daemon's source watcher write that to the database). An S3 outage is when an
-    operator most needs the database's half of the picture."""
+    files and lag as the last drain pass's listing recorded them. An S3 outage is when
+    an operator most needs the database's half of the picture.
+
+    Only a drain records its listing: it lists before it applies anything, so every
+    ledger row written after that instant is a file it dealt with. An observer listing
+    beside a file in flight could not tell (a file's applied_at is its transaction's
+    start), and would leave a pending count that never goes down."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
         seen_at = state.metadata.get("source_checked_at")

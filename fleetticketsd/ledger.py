@@ -72,17 +72,6 @@ SET metadata = metadata || jsonb_build_object(
     updated_at = now()
 WHERE dataset = $1
 """
-# The same from an observer (`status`, the daemon's source watcher). A drain holding
-# the row for a file's transaction is about to record its own listing: skip rather
-# than wait behind a large file.
-RECORD_SOURCE_SEEN_UNLESS_BUSY = """
-UPDATE tickets.import_meta m
-SET metadata = m.metadata || jsonb_build_object(
-        'newest_key', $2::text, 'pending_files', $3::int, 'source_checked_at', now()),
-    updated_at = now()
-FROM (SELECT dataset FROM tickets.import_meta WHERE dataset = $1 FOR UPDATE SKIP LOCKED) free
-WHERE m.dataset = free.dataset
-"""
 # Files dealt with since a listing counted them pending (status while S3 is down).
 FILES_DONE_SINCE = """
 SELECT count(*) FROM tickets.ingest_files WHERE dataset = $1 AND applied_at >= $2

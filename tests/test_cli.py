@@ -69,9 +69,9 @@ def test_status_without_the_bucket_reports_the_last_listing_and_exits_0(
 
     env = cli_env()
     bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T0")))
-    assert run_cli("drain", env=env).returncode == 0
-    bucket.put(inc_key("2026-06-22T12-00-00.csv"), csv_file(row("T1")))
-    assert run_cli("status", "--json", env=env).returncode == 0  # this listing is recorded
+    bad = inc_key("2026-06-22T12-00-00.csv")
+    bucket.put(bad, b"\xff\xfe not csv")
+    assert run_cli("drain", env=env).returncode == 1  # applies 10-00, blocks at 12-00
 
     gone = cli_env(s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "connect_timeout_s": 0.5})
     res = run_cli("status", "--json", env=gone)
@@ -82,9 +82,10 @@ def test_status_without_the_bucket_reports_the_last_listing_and_exits_0(
         "newest_key": inc_key("2026-06-22T12-00-00.csv"),
         "pending_files": 1,
         "lag_seconds": 7200,
-        "blocked": None,
+        "blocked": inc["blocked"],
         "last_applied_at": inc["last_applied_at"],
     }
+    assert inc["blocked"]["key"] == bad and inc["last_applied_at"].startswith("20")
     assert "inc: cannot reach bucket" in res.stderr and "as the last listing saw them" in res.stderr
     assert "Traceback" not in res.stderr
     human = run_cli("status", env=gone)

@@ -139,12 +139,14 @@ async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterat
                 try:
                     await source.check()
                 except SourceError as exc:
-                    raise CommandError(
-                        f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
-                    ) from exc
+                    raise CommandError(_unreachable(config, exc)) from exc
             yield Engine(config, pool, source, Metrics())
     finally:
         await pool.close()
+
+
+def _unreachable(config: Config, exc: SourceError) -> str:
+    return f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
 
 
 async def _check_datasets(engine: Engine, datasets: list[DatasetConfig]) -> None:
@@ -243,7 +245,7 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
             await engine.source.check()
             unreachable = None
         except SourceError as exc:
-            unreachable = f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
+            unreachable = _unreachable(config, exc)
         for ds in config.enabled_datasets:
             if unreachable is None:
                 try:

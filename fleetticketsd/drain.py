@@ -550,29 +550,22 @@ async def status_as_last_seen(
     start), and would leave a pending count that never goes down."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
-        seen_at = state.metadata.get("source_checked_at")
-        pending: int | None = state.metadata.get("pending_files")
-        if pending is not None and seen_at is not None:
-            # Counted before that pass applied anything; the ledger knows what it has since.
-            done = await conn.fetchval(ledger.FILES_DONE_SINCE, dataset.name, datetime.fromisoformat(seen_at))
-            pending = max(0, pending - done)
-    newest = state.metadata.get("newest_key")
-    newest_ts = key_timestamp(newest) if newest else None
-    wm_ts = key_timestamp(state.watermark) if state.watermark else None
-    lag = 0.0
-    if pending and newest_ts and wm_ts:
-        lag = max(0.0, (newest_ts - wm_ts).total_seconds())
+        seen = await conn.fetchval(ledger.LAST_LISTING, dataset.name) or {}
+    never_listed = seen.get("pending_files") is None
     out: dict[str, Any] = {
         "watermark": state.watermark,
-        "newest_key": newest,
-        "pending_files": pending,
-        "lag_seconds": lag,
+        "newest_key": seen.get("newest_key"),
+        "pending_files": None if never_listed else seen["pending_files_remaining"],
+        "lag_seconds": float(seen.get("lag_seconds") or 0),
         "blocked": state.blocked.as_json() if state.blocked else None,
         "last_applied_at": state.last_applied_at.isoformat() if state.last_applied_at else None,
     }
     if not detailed:
         return out
-    return _with_details(out, state) | {"source_error": error, "source_checked_at": seen_at}
+    return _with_details(out, state) | {
+        "source_error": error,
+        "source_checked_at": seen.get("source_checked_at"),
+    }
 
 
 def _with_details(out: dict[str, Any], state: ledger.DatasetState) -> dict[str, Any]:

@@ -408,6 +408,10 @@ class _RowFactory:
             total += 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
         return total / steps
 
+    def _resolution_s(self) -> int:
+        """Seconds from creation to closure, from the dataset's MTTR distribution."""
+        return int(self.rng.lognormvariate(self.mu, _MTTR_SIGMA) * 60.0)
+
     def ticket_id(self, seq: int) -> str:
         return f"{self.prefix}{seq:012d}"
 
@@ -491,7 +495,7 @@ class _RowFactory:
         if closed:
             if dur is None:
                 limit = now_s - 30 - created
-                dur = int(self.rng.lognormvariate(self.mu, _MTTR_SIGMA) * 60.0)
+                dur = self._resolution_s()
                 if dur < 60 or dur > limit:
                     dur = 60 + int(r() * max(1, limit - 60))
             self.close(row, created, created + dur)
@@ -502,7 +506,7 @@ class _RowFactory:
         created = now_s - _MIN_AGE_S - int(r() * (self.history_s - _MIN_AGE_S))
         if self.spec.closed_share is not None:
             return self.new(seq, now_s, created, r() < self.spec.closed_share), created
-        dur = max(60, int(self.rng.lognormvariate(self.mu, _MTTR_SIGMA) * 60.0))
+        dur = max(60, self._resolution_s())
         closed = created + dur <= now_s - 30
         return self.new(seq, now_s, created, closed, dur if closed else None), created
 

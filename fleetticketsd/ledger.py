@@ -72,10 +72,9 @@ SET metadata = metadata || jsonb_build_object(
     updated_at = now()
 WHERE dataset = $1
 """
-# Files dealt with since a listing counted them pending (status while S3 is down).
-FILES_DONE_SINCE = """
-SELECT count(*) FROM tickets.ingest_files WHERE dataset = $1 AND applied_at >= $2
-"""
+# The last drain listing's view of one dataset, net of the files applied since: the
+# dashboards' freshness (migrations/0004_read_side.sql), for `status` while S3 is down.
+LAST_LISTING = "SELECT reporting.fn_freshness() -> $1::text"
 # How the last pass ended, for `status` on a terminal and for dashboards.
 RECORD_PASS = """
 UPDATE tickets.import_meta

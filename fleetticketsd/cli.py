@@ -22,8 +22,10 @@ import asyncpg
 
 from . import __version__, db, logs
 from .actions import ActionError, load_file, skip
+from .adopt import foreign_write_warning, foreign_writes
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
 from .drain import DrainReport, Engine, drain, status, status_as_last_seen
+from .layout import LayoutError
 from .metrics import Metrics
 from .source import S3Source, SourceError
 from .terminal import DrainProgress, render_status
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", parents=[after], help="apply pending migrations")
     m.add_argument("--check", action="store_true", help="only report; exit 1 if any are pending")
+    m.add_argument("--adopt", action="store_true", help="take over the legacy loader's database (LEGACY.md)")
+    m.add_argument("--dry-run", action="store_true", help="with --adopt: print the plan, change nothing")
 
     d = sub.add_parser("drain", parents=[after], help="one pass over the datasets, then exit")
     d.add_argument("--dataset", action="append", default=[], metavar="NAME")
@@ -119,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"fleetticketsd: {exc}", file=sys.stderr)
         return exc.code
+    except LayoutError as exc:
+        # Any command on a database fleetticketsd did not lay out: what was found, what to run.
+        print(f"fleetticketsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 
@@ -134,6 +142,8 @@ async def _pool(config: Config) -> asyncpg.Pool:
 async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterator[Engine]:
     pool = await _pool(config)
     try:
+        async with pool.acquire() as conn:
+            await db.require_layout(conn)
         async with S3Source(config.s3) as source:
             if need_source:
                 try:
@@ -170,6 +180,12 @@ def _datasets(config: Config, names: list[str]) -> list[DatasetConfig]:
 
 
 async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    if args.dry_run and not args.adopt:
+        raise CommandError("--dry-run goes with --adopt (`migrate --adopt --dry-run`)", EXIT_CONFIG)
+    if args.adopt and args.check:
+        raise CommandError("--check and --adopt do not go together", EXIT_CONFIG)
+    if args.adopt:
+        return await cmd_adopt(config, dry_run=args.dry_run)
     pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
@@ -191,6 +207,26 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     for v in applied:
         print(f"applied: {v}")
     print(f"{len(applied)} migration(s) applied" if applied else "schema is current")
+    return EXIT_OK
+
+
+async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
+    from .adopt import AdoptionRefused, adopt  # only this command needs the takeover
+
+    pool = await _pool(config)
+    try:
+        async with pool.acquire() as conn:
+            report = await adopt(conn, config.geocoder, dry_run=dry_run)
+    except AdoptionRefused as exc:
+        problems = "\n".join(f"  - {p}" for p in exc.problems)
+        raise CommandError(
+            f"cannot adopt this database, nothing was changed:\n{problems}", EXIT_CONFIG
+        ) from exc
+    except (asyncpg.PostgresError, db.DatabaseError) as exc:
+        raise CommandError(f"adoption failed, nothing was changed: {exc}") from exc
+    finally:
+        await pool.close()
+    print(report.render())
     return EXIT_OK
 
 
@@ -263,6 +299,12 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
             )
         if detailed:
             extra = await _geocode_status(engine, config)
+        async with engine.pool.acquire() as conn:
+            writes = await foreign_writes(conn)
+        if writes:
+            # The one way to defeat the stale-write guard: two writers without a shared lock.
+            print(f"fleetticketsd: WARNING: {foreign_write_warning(writes)}", file=sys.stderr)
+            extra["other writers"] = "; ".join(w.describe() for w in writes[:3])
     if args.json:
         print(json.dumps({"datasets": out}))
         return EXIT_OK
@@ -391,6 +433,7 @@ async def cmd_gazetteer(config: Config, args: argparse.Namespace) -> int:
     pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
+            await db.require_layout(conn)
             clean, count = await set_gazetteer(conn, cluster, location, lat, lon)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_CONFIG) from exc

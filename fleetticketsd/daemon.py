@@ -33,11 +33,12 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import db, ledger, logs
+from . import adopt, db, ledger, logs
 from . import http as http_endpoint
 from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
 from .drain import DrainReport, Engine, drain, status
 from .geocode import Geocoder
+from .layout import LayoutError
 from .metrics import Metrics
 from .source import S3Source, SourceError
 
@@ -62,6 +63,7 @@ class Daemon:
         self._side_tasks: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.geocoder: Geocoder | None = None
+        self._foreign_write_seen: datetime | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -87,6 +89,7 @@ class Daemon:
             if self.engine is None:
                 return 0  # stopped while waiting for the database
             await self._restore_last_success()
+            await self._check_foreign_writes()
             self.scheduler = AsyncIOScheduler(timezone=self.config.schedule.timezone)
             self.scheduler.start()
             for ds in self.config.enabled_datasets:
@@ -203,6 +206,22 @@ class Daemon:
         for ds in self.config.enabled_datasets:
             self.metrics.last_success.labels(ds.name).set(known.get(ds.name, time.time()))
 
+    async def _check_foreign_writes(self) -> None:
+        """Warn while another program writes the tables taken over from the legacy loader:
+        at start, and again whenever it has written since the last warning."""
+        assert self.engine is not None
+        try:
+            async with self.engine.pool.acquire() as conn:
+                writes = await adopt.foreign_writes(conn)
+        except DB_ERRORS as exc:
+            log.warning("could not check for other writers", error=str(exc))
+            return
+        self.metrics.foreign_writes.set(sum(w.statements for w in writes))
+        newest = max((w.last_at for w in writes), default=None)
+        if newest is not None and newest != self._foreign_write_seen:
+            self._foreign_write_seen = newest
+            log.warning(adopt.foreign_write_warning(writes))
+
     async def _table_problem(self, engine: Engine, ds: DatasetConfig) -> str | None:
         async with engine.pool.acquire() as conn:
             return await db.check_dataset(conn, ds)
@@ -306,6 +325,7 @@ class Daemon:
             await self._interruptible_sleep(self.config.daemon.source_check_interval_s)
             if self.stopping.is_set() or self.engine is None:
                 return
+            await self._check_foreign_writes()
             for ds in self.config.enabled_datasets:
                 with structlog.contextvars.bound_contextvars(dataset=ds.name):
                     try:
@@ -428,6 +448,8 @@ class Daemon:
                     pending = await db.pending_migrations(conn, db.load_migrations())
             if pending:
                 checks["migrations"] = f"{len(pending)} pending: run `fleetticketsd migrate`"
+        except LayoutError as exc:
+            checks["migrations"] = str(exc)
         except READY_ERRORS as exc:
             checks["database"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             checks["migrations"] = "unknown: database not reachable"

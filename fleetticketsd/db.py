@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
+from . import layout
 from .config import DatabaseConfig, DatasetConfig
 
 # Two-int advisory lock keys: (namespace, item). The namespace keeps ours apart from
@@ -31,7 +32,6 @@ CREATE TABLE IF NOT EXISTS tickets.schema_migrations (
 """
 APPLIED_MIGRATIONS = "SELECT version, checksum FROM tickets.schema_migrations"
 RECORD_MIGRATION = "INSERT INTO tickets.schema_migrations (version, checksum) VALUES ($1, $2)"
-LEDGER_EXISTS = "SELECT to_regclass('tickets.schema_migrations') IS NOT NULL"
 TABLE_COLUMNS = """
 SELECT a.attname
 FROM pg_attribute a
@@ -112,9 +112,19 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 
 async def _applied(conn: asyncpg.Connection) -> dict[str, str]:
-    if not await conn.fetchval(LEDGER_EXISTS):
+    """Applied migrations; raises LayoutError on a database fleetticketsd did not lay out
+    (the legacy loader's, or anyone's), so no command reads or builds over it."""
+    if await layout.ledger_is_ours(conn):
+        return {r["version"]: r["checksum"] for r in await conn.fetch(APPLIED_MIGRATIONS)}
+    found = await layout.inspect(conn)
+    if found.kind is layout.Kind.EMPTY:
         return {}
-    return {r["version"]: r["checksum"] for r in await conn.fetch(APPLIED_MIGRATIONS)}
+    raise layout.LayoutError(found)
+
+
+async def require_layout(conn: asyncpg.Connection) -> None:
+    """Raise LayoutError unless the database is fleetticketsd's (or still empty)."""
+    await _applied(conn)
 
 
 async def pending_migrations(conn: asyncpg.Connection, available: list[Migration]) -> list[Migration]:
@@ -129,23 +139,32 @@ async def changed_migrations(conn: asyncpg.Connection, available: list[Migration
 
 
 async def migrate(conn: asyncpg.Connection, available: list[Migration] | None = None) -> list[str]:
-    """Apply pending migrations in order; return the versions applied."""
+    """Apply pending migrations in order; return the versions applied.
+
+    Raises LayoutError, having changed nothing, on a database laid out by someone else."""
     available = load_migrations() if available is None else available
     await conn.execute("SELECT pg_advisory_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK_ITEM)
     try:
-        await conn.execute(CREATE_LEDGER)
-        done: list[str] = []
-        for m in await pending_migrations(conn, available):
-            try:
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(RECORD_MIGRATION, m.version, m.checksum)
-            except asyncpg.PostgresError as exc:
-                raise DatabaseError(f"migration {m.version} failed: {exc}") from exc
-            done.append(m.version)
-        return done
+        pending = await pending_migrations(conn, available)  # checks the layout first
+        return await apply_migrations(conn, pending)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK_ITEM)
+
+
+async def apply_migrations(conn: asyncpg.Connection, pending: list[Migration]) -> list[str]:
+    """Apply ``pending`` in order, each in its own transaction (a savepoint when the
+    caller holds one, as adoption does); the caller holds the migration lock."""
+    await conn.execute(CREATE_LEDGER)
+    done: list[str] = []
+    for m in pending:
+        try:
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(RECORD_MIGRATION, m.version, m.checksum)
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"migration {m.version} failed: {exc}") from exc
+        done.append(m.version)
+    return done
 
 
 # --- checks of the configuration against the database -------------------------------
@@ -153,6 +172,10 @@ async def migrate(conn: asyncpg.Connection, available: list[Migration] | None = 
 
 async def check_dataset(conn: asyncpg.Connection, dataset: DatasetConfig) -> str | None:
     """Why this dataset cannot be drained into its table, or None if it can."""
+    if not await layout.ledger_is_ours(conn):
+        found = await layout.inspect(conn)
+        if found.kind is not layout.Kind.EMPTY:
+            return f"database holds {found.found}: {found.advice}"
     cols = {r["attname"] for r in await conn.fetch(TABLE_COLUMNS, dataset.table)}
     if not cols:
         return f"datasets.{dataset.name}.table: table {dataset.table} does not exist (run migrate?)"

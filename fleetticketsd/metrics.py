@@ -127,6 +127,14 @@ class Metrics:
             ds,
             registry=r,
         )
+        # After `migrate --adopt`: another program still writing the tables taken over
+        # from the legacy loader (its scheduled tasks left running, most likely).
+        self.foreign_writes = Gauge(
+            "fleettickets_foreign_writes",
+            "Statements by programs other than fleetticketsd on the tables it took over from the "
+            "legacy loader (tickets.foreign_writes)",
+            registry=r,
+        )
         self.config_reload_ok.set(1)
 
     def init_dataset(self, dataset: str) -> None:

@@ -124,7 +124,7 @@ DASHBOARD_ARGUMENTS = {
 
 # Names reaching these are quoted identifiers and signatures from the catalog.
 MOVE_RELATION = "ALTER {kind} {relation} SET SCHEMA {schema}"
-MOVE_FUNCTION = "ALTER FUNCTION {function} SET SCHEMA {schema}"
+MOVE_FUNCTION = "ALTER {kind} {function} SET SCHEMA {schema}"
 
 COLUMNS = """
 SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type,
@@ -148,7 +148,7 @@ WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S'
 ORDER BY n.nspname, c.relname
 """
 FUNCTIONS_IN = """
-SELECT p.oid, n.nspname::text AS schema, p.proname::text AS name,
+SELECT p.oid, n.nspname::text AS schema, p.proname::text AS name, p.prokind::text AS kind,
        pg_get_function_identity_arguments(p.oid) AS args,
        format('%I.%I(%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid)) AS signature,
        pg_get_function_result(p.oid) AS result
@@ -161,7 +161,7 @@ ORDER BY n.nspname, p.proname, args
 # Views (anywhere) reading the given relations: they would go on reading the loader's
 # copy after the move, silently frozen.
 DEPENDENT_VIEWS = """
-SELECT DISTINCT format('%I.%I', vn.nspname, v.relname) AS view, vn.nspname::text AS schema,
+SELECT DISTINCT v.oid, format('%I.%I', vn.nspname, v.relname) AS view, vn.nspname::text AS schema,
        d.refobjid::regclass::text AS reads
 FROM pg_depend d
 JOIN pg_rewrite r ON r.oid = d.objid
@@ -192,6 +192,10 @@ FROM pg_proc p, aclexplode(p.proacl) a
 LEFT JOIN pg_roles r ON r.oid = a.grantee
 WHERE p.oid = $1 AND a.grantee <> p.proowner
 ORDER BY 1, 2
+"""
+TRIGGERS_ON = """
+SELECT format('%s on %s', t.tgname, t.tgrelid::regclass) AS trigger_name
+FROM pg_trigger t WHERE t.tgrelid = ANY($1::oid[]) AND NOT t.tgisinternal ORDER BY 1
 """
 SCHEMA_OBJECTS = """
 SELECT (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid)
@@ -584,16 +588,16 @@ class _Takeover:
             )
 
     async def _legacy_relations(self) -> list[asyncpg.Record]:
-        """What moves to tickets_legacy: the loader's tables and the views over them in its
-        schemas (the project creates its own under the same names)."""
-        rels = await self.conn.fetch(RELATIONS_IN, ["tickets", "reporting"])
-        tables = [r for r in rels if r["schema"] == "tickets" and r["name"] in self.columns]
-        views = {
-            r["view"]
-            for r in await self.conn.fetch(DEPENDENT_VIEWS, [t["oid"] for t in tables])
-            if r["schema"] in ("tickets", "reporting")
-        }
-        return tables + [r for r in rels if r["qualified"] in views]
+        """What moves to tickets_legacy: the loader's tables and the views over them (and
+        over those) in its schemas; the project creates its own under the same names."""
+        rels = {r["oid"]: r for r in await self.conn.fetch(RELATIONS_IN, ["tickets", "reporting"])}
+        chosen = [r for r in rels.values() if r["schema"] == "tickets" and r["name"] in self.columns]
+        frontier = [r["oid"] for r in chosen]
+        while frontier:
+            deps = await self.conn.fetch(DEPENDENT_VIEWS, frontier)
+            frontier = [d["oid"] for d in deps if d["oid"] in rels and rels[d["oid"]] not in chosen]
+            chosen.extend(rels[oid] for oid in dict.fromkeys(frontier))
+        return chosen
 
     async def _legacy_migrations(self) -> list[str]:
         if "schema_migrations" not in self.columns:
@@ -617,20 +621,25 @@ class _Takeover:
             self.report.legacy_kept.append(
                 f"{r['name']} ({_KINDS[r['kind']]}, was {r['schema']}.{r['name']})"
             )
+        triggers = [r["trigger_name"] for r in await self.conn.fetch(TRIGGERS_ON, list(moved_oids))]
+        if triggers:
+            self.report.notes.append(
+                "triggers stay on the loader's tables and no longer see new data: " + ", ".join(triggers)
+            )
         # Every function of the loader's two schemas is the loader's: its generated
         # columns and triggers follow them by OID, and the project creates its own.
         seen: set[tuple[str, str]] = set()
         for f in await self.conn.fetch(FUNCTIONS_IN, ["tickets", "reporting"]):
-            name = f["name"]
-            if (name, f["args"]) in seen:  # the same name and arguments in both schemas
+            name, kind = f["name"], _ROUTINE[f["kind"]]
+            if (name, _arg_types(f["args"])) in seen:  # the same name and types in both schemas
                 name = f"{f['schema']}_{name}"
-                await self.conn.execute(f"ALTER FUNCTION {f['signature']} RENAME TO {db.quote_ident(name)}")
-            seen.add((name, f["args"]))
+                await self.conn.execute(f"ALTER {kind} {f['signature']} RENAME TO {db.quote_ident(name)}")
+            seen.add((name, _arg_types(f["args"])))
             here, there = _function(f["schema"], name, f["args"]), _function(LEGACY_SCHEMA, name, f["args"])
-            await self.conn.execute(MOVE_FUNCTION.format(function=here, schema=LEGACY_SCHEMA))
-            self.rollback.append(MOVE_FUNCTION.format(function=there, schema=f["schema"]) + ";")
+            await self.conn.execute(MOVE_FUNCTION.format(kind=kind, function=here, schema=LEGACY_SCHEMA))
+            self.rollback.append(MOVE_FUNCTION.format(kind=kind, function=there, schema=f["schema"]) + ";")
             if name != f["name"]:
-                self.rollback.append(f"ALTER FUNCTION {here} RENAME TO {db.quote_ident(f['name'])};")
+                self.rollback.append(f"ALTER {kind} {here} RENAME TO {db.quote_ident(f['name'])};")
             self.report.legacy_kept.append(f"{name}({f['args']}) (function, was {f['schema']}.{f['name']})")
         # Anything else in schema tickets is not the loader's documented layout: it
         # waits in the hold schema and goes back after the migrations (_return_held).
@@ -1030,7 +1039,8 @@ class _Takeover:
                     MOVE_RELATION.format(kind=kind, relation=r["qualified"], schema=ROLLED_BACK) + ";"
                 )
         for f in await self.conn.fetch(FUNCTIONS_IN, ["tickets", "reporting"]):
-            lines.append(MOVE_FUNCTION.format(function=f["signature"], schema=ROLLED_BACK) + ";")
+            kind = _ROUTINE[f["kind"]]
+            lines.append(MOVE_FUNCTION.format(kind=kind, function=f["signature"], schema=ROLLED_BACK) + ";")
         lines.extend(self.rollback)
         lines.append("COMMIT;")
         return "\n".join(lines)
@@ -1044,6 +1054,7 @@ _ALTER = {
     "f": "FOREIGN TABLE",
     "S": "SEQUENCE",
 }
+_ROUTINE = {"f": "FUNCTION", "w": "FUNCTION", "p": "PROCEDURE", "a": "AGGREGATE"}
 _KINDS = {
     "r": "table",
     "p": "table",

@@ -2,6 +2,22 @@
 -- fleetticketsd/adopt.py, LEGACY.md). Present in every database so that the code can
 -- ask "was this one adopted?" without guessing; empty unless it was.
 
+-- Later migrations pin the search_path of the functions they (re)define the way 0006
+-- pinned the earlier ones (a CREATE OR REPLACE drops a function's SET clauses): with
+-- this, in one line, and PostGIS's schema looked up rather than assumed.
+CREATE OR REPLACE FUNCTION tickets.pin_search_path(p_function regprocedure) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    EXECUTE pg_catalog.format(
+        'ALTER FUNCTION %s SET search_path = pg_catalog, %I, tickets, reporting, pg_temp',
+        p_function,
+        (SELECT n.nspname FROM pg_catalog.pg_extension e
+         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'postgis'));
+END
+$$;
+SELECT tickets.pin_search_path('tickets.pin_search_path(regprocedure)');
+
 -- One row, written in the adoption's own transaction: when, from which of the loader's
 -- migrations, the watermarks kept, the report printed, and the SQL that moves the
 -- loader's objects back out of tickets_legacy (docs/operations.md, rolling back).
@@ -33,7 +49,6 @@ CREATE TABLE IF NOT EXISTS tickets.foreign_writes (
 
 CREATE OR REPLACE FUNCTION tickets.note_foreign_write() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog
 AS $$
 BEGIN
     IF current_setting('application_name') LIKE 'fleetticketsd%' THEN
@@ -46,3 +61,4 @@ BEGIN
     RETURN NULL;
 END
 $$;
+SELECT tickets.pin_search_path('tickets.note_foreign_write()');

@@ -18,6 +18,7 @@ import asyncpg
 from . import ledger
 from .apply import FileResult, apply_file
 from .config import DatasetConfig
+from .dbguard import session_ended
 from .drain import Engine, error_document, is_late
 from .feed import BadFile, file_name, key_timestamp
 
@@ -157,20 +158,23 @@ async def load_file(engine: Engine, dataset: DatasetConfig, path: Path, dry_run:
                     late=is_late(key, state.watermark),
                     size_bytes=size,
                     max_record_bytes=engine.config.ingest.max_record_bytes,
+                    statement_timeout_s=engine.config.database.statement_timeout_s,
                 )
             except BadFile as exc:
                 out.error = f"{path}: {exc}"
                 await tx.rollback()
                 return out
             except BaseException:
-                await tx.rollback()
+                if not session_ended(conn):  # a DatabaseFault ended it: nothing to roll back
+                    await tx.rollback()
                 raise
             if dry_run:
                 await tx.rollback()
             else:
                 await tx.commit()
         finally:
-            await ledger.unlock(conn, dataset.name)
+            if not session_ended(conn):
+                await ledger.unlock(conn, dataset.name)
     if not dry_run and out.result is not None:
         m = engine.metrics
         m.files_applied.labels(dataset.name).inc()

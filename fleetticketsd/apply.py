@@ -16,6 +16,7 @@ import asyncpg
 from . import ledger
 from .config import DatasetConfig
 from .db import qualified
+from .dbguard import guarded
 from .feed import KEPT, RECORD_COLUMNS, FeedParser, ParseStats, Record
 
 # Rows for this file only. The temp table lives as long as its connection and is
@@ -136,21 +137,32 @@ async def apply_file(
     late: bool,
     size_bytes: int | None = None,
     max_record_bytes: int = 16 * 1024 * 1024,
+    statement_timeout_s: float = 600.0,
 ) -> FileResult:
     """Apply one file in one transaction (a savepoint if the caller holds one).
 
-    Raises BadFile (nothing applied) if the bytes are not the feed; any other error
-    also leaves nothing applied.
+    Raises BadFile (nothing applied) if the bytes are not the feed, DatabaseFault
+    (the session terminated: the server rolls the file back) if the connection is
+    lost or the COPY outlives ``statement_timeout_s``; any error leaves nothing applied.
     """
     parser = FeedParser(max_record_bytes)
-    async with conn.transaction():
+    async with guarded(conn) as guard, conn.transaction():
         if await conn.fetchval(INCOMING_EXISTS):
             await conn.execute(CLEAR_INCOMING)
         else:
             await conn.execute(CREATE_INCOMING)
-        await conn.copy_records_to_table(
-            "fleet_incoming", records=_records(chunks, parser), columns=RECORD_COLUMNS
-        )
+        # asyncpg leaves a COPY's wait for the socket to drain unbounded, and a server
+        # error during COPY is read only once the whole file is sent: this bound is the
+        # COPY's (the server bounds the statement by the same setting), and asyncpg's
+        # own timer, a second later, never wins the race to say so.
+        timed_out = f"COPY did not finish within {statement_timeout_s:g} s ([database] statement_timeout_s)"
+        with guard.bound(statement_timeout_s, timed_out):
+            await conn.copy_records_to_table(
+                "fleet_incoming",
+                records=_records(chunks, parser),
+                columns=RECORD_COLUMNS,
+                timeout=statement_timeout_s + 1,
+            )
         stats = parser.stats
         if stats.rejects:
             await conn.execute(

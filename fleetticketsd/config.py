@@ -47,6 +47,8 @@ class DatabaseConfig:
     connect_timeout_s: float = 10.0
     # A statement that runs longer than this is a stuck database, not a slow file.
     statement_timeout_s: float = 600.0
+    # Waiting for a pooled connection (all busy, or connecting): past this the pass fails.
+    acquire_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,9 @@ def _validate(config: Config) -> None:
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError("server.listen", f"must be HOST:PORT, got {config.server.listen!r}")
     for key, value in (
+        ("database.connect_timeout_s", config.database.connect_timeout_s),
+        ("database.statement_timeout_s", config.database.statement_timeout_s),
+        ("database.acquire_timeout_s", config.database.acquire_timeout_s),
         ("geocoder.rate_per_second", config.geocoder.rate_per_second),
         ("geocoder.max_distance_km", config.geocoder.max_distance_km),
         ("geocoder.timeout_s", config.geocoder.timeout_s),

@@ -33,7 +33,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import adopt, db, ledger, logs
+from . import adopt, db, dbguard, ledger, logs
 from . import http as http_endpoint
 from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
 from .drain import DrainReport, Engine, drain, status
@@ -223,7 +223,7 @@ class Daemon:
             log.warning(adopt.foreign_write_warning(writes))
 
     async def _table_problem(self, engine: Engine, ds: DatasetConfig) -> str | None:
-        async with engine.pool.acquire() as conn:
+        async with dbguard.acquire(engine.pool, engine.config.database.acquire_timeout_s) as conn:
             return await db.check_dataset(conn, ds)
 
     async def _close_engine(self, engine: Engine, keep: Engine) -> None:
@@ -300,7 +300,10 @@ class Daemon:
                         return None
                     # Checked per pass, not once: a table created by a later
                     # `migrate` heals the dataset without a restart.
-                    problem = await self._table_problem(engine, ds)
+                    try:
+                        problem = await self._table_problem(engine, ds)
+                    except DB_ERRORS:
+                        problem = None  # the database failed: the pass will say why, and is retried
                     if problem:
                         log.error("dataset not drained: configuration error", dataset=name, error=problem)
                         self.metrics.poll_failures.labels(name, "apply").inc()
@@ -444,8 +447,11 @@ class Daemon:
         try:
             async with asyncio.timeout(3):
                 async with engine.pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
+                    read_only = await dbguard.read_only_reason(conn)
                     pending = await db.pending_migrations(conn, db.load_migrations())
+            if read_only:
+                checks["database"] = f"read-only ({read_only}): every file fails until it accepts writes"
+                await engine.pool.expire_connections()  # the next probe and pass reconnect
             if pending:
                 checks["migrations"] = f"{len(pending)} pending: run `fleetticketsd migrate`"
         except LayoutError as exc:
@@ -460,8 +466,10 @@ class Daemon:
 DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     db.DatabaseError,
+    dbguard.DatabaseFault,
 )
 
 

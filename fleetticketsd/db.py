@@ -66,7 +66,9 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
             min_size=config.pool_min_size,
             max_size=config.pool_max_size,
             timeout=config.connect_timeout_s,
-            command_timeout=config.statement_timeout_s,
+            # The server's statement_timeout answers first, cleanly; this only catches
+            # a server that does not answer at all.
+            command_timeout=config.statement_timeout_s + 1,
             init=_init_connection,
             server_settings={
                 "application_name": "fleetticketsd",

@@ -28,6 +28,7 @@ import structlog
 from . import ledger
 from .apply import FileResult, apply_file
 from .config import Config, DatasetConfig
+from .dbguard import DatabaseFault, acquire, describe, end_session, is_read_only, session_ended
 from .feed import BadFile, file_name, key_timestamp
 from .ledger import Blocked
 from .metrics import Metrics
@@ -44,8 +45,11 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.Progr
 DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # A pooled session the server just ended can trip asyncpg's own state checks.
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
+    DatabaseFault,
 )
 
 
@@ -67,6 +71,9 @@ class DrainFailed(Exception):
         self.stage = stage
 
 
+PASS_ERRORS: tuple[type[BaseException], ...] = (DrainFailed, *DB_ERRORS)
+
+
 @dataclass
 class DrainReport:
     dataset: str
@@ -78,6 +85,8 @@ class DrainReport:
     locked: bool = False
     failed: str | None = None
     failed_stage: str | None = None
+    # The file the pass is at: the one in flight, else the next one due.
+    at_key: str | None = None
     dry_run: bool = False
     files: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,7 +105,7 @@ class DrainReport:
         if self.locked:
             out["skipped"] = "another process is draining this dataset"
         if self.failed:
-            out["error"] = {"stage": self.failed_stage, "message": self.failed}
+            out["error"] = {"stage": self.failed_stage, "key": self.at_key, "message": self.failed}
         if self.dry_run:
             out["files"] = self.files
         return out
@@ -152,7 +161,7 @@ async def drain(
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(dataset=dataset.name):
         try:
-            async with engine.pool.acquire() as conn:
+            async with acquire(engine.pool, engine.config.database.acquire_timeout_s) as conn:
                 if not await ledger.try_lock(conn, dataset.name):
                     log.info("drain skipped: another process holds the dataset lock")
                     report.locked = True
@@ -167,19 +176,31 @@ async def drain(
                         try:
                             await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
                         finally:
-                            await tx.rollback()
+                            if not session_ended(conn):
+                                await tx.rollback()
                     else:
                         await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
-                finally:
-                    with contextlib.suppress(*DB_ERRORS):
-                        await ledger.unlock(conn, dataset.name)
-        except DrainFailed as exc:
-            report.failed, report.failed_stage = str(exc), exc.stage
-        except DB_ERRORS as exc:
-            report.failed, report.failed_stage = f"database: {exc}", "apply"
+                except BaseException:
+                    # A pass that stops on an error may stop mid-statement. Ending the
+                    # session (not unlocking it and handing it back to the pool as it is)
+                    # makes the server roll back whatever was open and free the lock.
+                    end_session(conn)
+                    raise
+                with contextlib.suppress(*DB_ERRORS):
+                    await ledger.unlock(conn, dataset.name)
+        except PASS_ERRORS as exc:
+            if isinstance(exc, DrainFailed):
+                report.failed, report.failed_stage = str(exc), exc.stage
+            else:
+                where = report.at_key or "database"
+                report.failed, report.failed_stage = f"{where}: {describe(exc)}", "apply"
+            if is_read_only(exc):
+                # Every pooled session may be on the server that turned read-only (a
+                # failover): reconnect them all, wherever the URL now leads.
+                await engine.pool.expire_connections()
         if report.failed:
             engine.metrics.poll_failures.labels(dataset.name, report.failed_stage or "apply").inc()
-            log.error("drain pass failed", stage=report.failed_stage, error=report.failed)
+            log.error("drain pass failed", stage=report.failed_stage, error=report.failed, key=report.at_key)
         if not dry_run and not report.locked:
             await _record_pass(engine, report)
         elapsed = time.monotonic() - started
@@ -209,7 +230,7 @@ async def _record_pass(engine: Engine, report: DrainReport) -> None:
         outcome = "ok"
     # Best effort: when the database is what failed, there is nowhere to write this.
     with contextlib.suppress(*DB_ERRORS):
-        async with engine.pool.acquire() as conn:
+        async with acquire(engine.pool, engine.config.database.acquire_timeout_s) as conn:
             await conn.execute(ledger.RECORD_PASS, report.dataset, outcome[:500], report.files_applied)
 
 
@@ -224,7 +245,6 @@ async def _pass(
     stop: asyncio.Event | None,
 ) -> None:
     m = engine.metrics
-    await ledger.ensure(conn, dataset.name)
     try:
         listed = await engine.source.list_changes(dataset)
     except SourceError as exc:
@@ -249,6 +269,13 @@ async def _pass(
         else:
             decided.append((f, entry))
     _observe_source(engine, dataset, listed, pending, state.watermark)
+    if state.blocked is not None and any(f.key == state.blocked.key for f in pending):
+        report.at_key = state.blocked.key
+    elif pending:
+        report.at_key = pending[0].key
+    # The first write of the pass comes only now, so that a database that cannot
+    # write (read-only after a failover) fails naming the file that waits.
+    await ledger.ensure(conn, dataset.name)
     if dry_run:
         decided = []
     else:
@@ -300,6 +327,7 @@ async def _pass(
             if stop is not None and stop.is_set():
                 log.info("stopping between files", remaining=len(pending) - done + 1)
                 return
+            report.at_key = f.key
             with structlog.contextvars.bound_contextvars(key=f.key):
                 result = await _apply_one(engine, conn, dataset, f, prefetch, watermark, report, dry_run)
                 if result is None:
@@ -347,6 +375,7 @@ async def _apply_one(
                 late=late,
                 size_bytes=f.size,
                 max_record_bytes=engine.config.ingest.max_record_bytes,
+                statement_timeout_s=engine.config.database.statement_timeout_s,
             )
     except BadFile as exc:
         m.poll_failures.labels(dataset.name, "parse").inc()
@@ -364,7 +393,7 @@ async def _apply_one(
     except SourceError as exc:
         raise DrainFailed("fetch", str(exc)) from exc
     except DB_ERRORS as exc:
-        raise DrainFailed("apply", f"{f.key}: {exc}") from exc
+        raise DrainFailed("apply", f"{f.key}: {describe(exc)}") from exc
 
     report.files_applied += 0 if dry_run else 1
     report.rows_upserted += result.upserted

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import asyncpg
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleetticketsd import db
 from fleetticketsd.config import Config, parse
@@ -129,11 +134,11 @@ def bucket(s3_endpoint: str) -> Bucket:
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 
-def admin_sql(sql: str) -> None:
+def admin_sql(sql: str, admin_url: str = PG_ADMIN_URL) -> None:
     """Run one statement as the server's superuser (CREATE/DROP DATABASE and the like)."""
 
     async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL)
+        conn = await asyncpg.connect(admin_url)
         try:
             await conn.execute(sql)
         finally:
@@ -142,24 +147,28 @@ def admin_sql(sql: str) -> None:
     asyncio.run(go())
 
 
-def _db_url(name: str) -> str:
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+def _db_url(name: str, admin_url: str = PG_ADMIN_URL) -> str:
+    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.fixture(scope="session")
-def template_db() -> Iterator[str]:
-    name = f"fleet_tpl_{os.getpid()}"
-    admin_sql(f"DROP DATABASE IF EXISTS {name}")
-    admin_sql(f"CREATE DATABASE {name}")
+def create_migrated_db(name: str, admin_url: str = PG_ADMIN_URL) -> None:
+    admin_sql(f"CREATE DATABASE {name}", admin_url)
 
     async def migrate() -> None:
-        conn = await asyncpg.connect(_db_url(name))
+        conn = await asyncpg.connect(_db_url(name, admin_url))
         try:
             await db.migrate(conn)
         finally:
             await conn.close()
 
     asyncio.run(migrate())
+
+
+@pytest.fixture(scope="session")
+def template_db() -> Iterator[str]:
+    name = f"fleet_tpl_{os.getpid()}"
+    admin_sql(f"DROP DATABASE IF EXISTS {name}")
+    create_migrated_db(name)
     yield name
     admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -170,6 +179,66 @@ def db_url(template_db: str) -> Iterator[str]:
     admin_sql(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield _db_url(name)
     admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class Cluster:
+    """A PostgreSQL cluster of the test session's own, for faults the main one must
+    never see: restarts, a server gone away. Same major version and PostGIS."""
+
+    name: str
+    port: int
+    admin_url: str
+    template: str
+
+    def ctl(self, action: str, *args: str) -> None:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR, self.name, action, *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        ready = ["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        poll(
+            lambda: subprocess.run(ready).returncode == 0,
+            timeout_s=timeout_s,
+            interval_s=0.1,
+            what=f"cluster {self.name} ready",
+        )
+
+    def new_db(self) -> str:
+        """A database cloned from the migrated template; dropped with the cluster."""
+        name = f"fleet_t_{uuid.uuid4().hex[:12]}"
+        admin_sql(f"CREATE DATABASE {name} TEMPLATE {self.template}", self.admin_url)
+        return _db_url(name, self.admin_url)
+
+
+PG_MAJOR = os.environ.get("FLEETTICKETSD_TEST_PG_MAJOR", "15")
+
+
+@pytest.fixture(scope="session")
+def second_cluster() -> Iterator[Cluster]:
+    """`pg_createcluster` on a free port, trust auth on loopback, a migrated template;
+    stopped and dropped at the end of the session."""
+    name = f"fleetfaults{os.getpid()}"
+    port = free_port()
+    subprocess.run(["pg_dropcluster", "--stop", PG_MAJOR, name], capture_output=True)
+    # Scratch data: fsync off, so starts and stops take no disk flushes.
+    subprocess.run(
+        ["pg_createcluster", PG_MAJOR, name, "-p", str(port), "-o", "fsync=off", "--",
+         "--auth-local=trust", "--auth-host=trust"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    cluster = Cluster(name, port, f"postgresql://postgres@127.0.0.1:{port}/postgres", "fleet_tpl")
+    try:
+        cluster.ctl("start")
+        cluster.wait_ready()
+        create_migrated_db(cluster.template, cluster.admin_url)
+        yield cluster
+    finally:
+        subprocess.run(["pg_dropcluster", "--stop", PG_MAJOR, name], capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -335,3 +404,90 @@ def spawn_cli(*args: str, env: dict[str, str], log_path: Path) -> subprocess.Pop
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+
+
+# --- the daemon as a process ----------------------------------------------------------
+
+NEVER = "0 0 1 1 *"  # a cron that will not fire during a test: only the start-up pass runs
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    config_path: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        _, body = self.get("/metrics")
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": line, "unparsed": True})
+        return out
+
+    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.logs()
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        self.config_path.write_text(to_toml(data))
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+
+@pytest.fixture
+def start_daemon(
+    db_url: str, bucket: Bucket, tmp_path: Path
+) -> Iterator[Callable[..., tuple[Daemon, dict[str, Any]]]]:
+    started: list[Daemon] = []
+
+    def start(**overrides: Any) -> tuple[Daemon, dict[str, Any]]:
+        overrides.setdefault("schedule", {"cron": NEVER})
+        overrides.setdefault("logging", {"format": "json"})
+        daemon_cfg = {"source_check_interval_s": 0.3, "pass_retry_max_wait_s": 1.0}
+        overrides["daemon"] = {**daemon_cfg, **overrides.get("daemon", {})}
+        data = config_dict(db_url, bucket, **overrides)
+        port = int(data["server"]["listen"].rsplit(":", 1)[1])
+        config_path = tmp_path / f"config-{len(started)}.toml"
+        config_path.write_text(to_toml(data))
+        log_path = tmp_path / f"daemon-{len(started)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "RUSTFS_"))}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetticketsd", "--config", str(config_path), "run"],
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            text=True,
+        )
+        d = Daemon(proc, port, log_path, config_path)
+        started.append(d)
+        poll(lambda: d.get("/healthz")[0] == 200, what="daemon /healthz")
+        return d, data
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)

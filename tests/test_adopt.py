@@ -31,7 +31,6 @@ from fleetticketsd.geocode import build_query
 from . import fake_geocoder as fg
 from .conftest import REPO, Bucket, admin_sql, csv_file, poll, row, run_cli
 from .legacy import loader
-from .test_daemon import start_daemon  # noqa: F401 - a fixture, shared
 
 INC, CRQ = "automations/inc/", "automations/crq/"
 # How many files of each feed the loader had applied before the cutover.
@@ -659,7 +658,7 @@ def test_kill_9_in_the_middle_of_adoption_leaves_the_database_unchanged(
 
 def test_the_daemon_on_the_legacy_database_is_live_not_ready_and_touches_nothing(
     legacy: Legacy,
-    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],  # noqa: F811
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
 ) -> None:
     before, shape = contents(legacy), layout_of(legacy)
     d, _ = start_daemon(database={"url": legacy.url})
@@ -677,7 +676,7 @@ def test_a_loader_left_running_after_the_cutover_is_stopped_by_the_schema_and_wa
     legacy: Legacy,
     bucket: Bucket,
     env_for: Callable[..., dict[str, str]],
-    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],  # noqa: F811
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
 ) -> None:
     env = env_for(legacy.url)
     assert run_cli("migrate", "--adopt", env=env).returncode == 0

@@ -11,102 +11,16 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fleetticketsd import feedgen
 
-from .conftest import REPO, Bucket, admin_sql, config_dict, csv_file, inc_key, poll, row, to_toml
-
-NEVER = "0 0 1 1 *"  # a cron that will not fire during a test: only the start-up pass runs
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[str]
-    port: int
-    log_path: Path
-    config_path: Path
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        _, body = self.get("/metrics")
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return float(sample.value)
-        return None
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                out.append({"event": line, "unparsed": True})
-        return out
-
-    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.logs()
-            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-    def write_config(self, data: dict[str, Any]) -> None:
-        self.config_path.write_text(to_toml(data))
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-
-@pytest.fixture
-def start_daemon(
-    db_url: str, bucket: Bucket, tmp_path: Path
-) -> Iterator[Callable[..., tuple[Daemon, dict[str, Any]]]]:
-    started: list[Daemon] = []
-
-    def start(**overrides: Any) -> tuple[Daemon, dict[str, Any]]:
-        overrides.setdefault("schedule", {"cron": NEVER})
-        overrides.setdefault("logging", {"format": "json"})
-        daemon_cfg = {"source_check_interval_s": 0.3, "pass_retry_max_wait_s": 1.0}
-        overrides["daemon"] = {**daemon_cfg, **overrides.get("daemon", {})}
-        data = config_dict(db_url, bucket, **overrides)
-        port = int(data["server"]["listen"].rsplit(":", 1)[1])
-        config_path = tmp_path / f"config-{len(started)}.toml"
-        config_path.write_text(to_toml(data))
-        log_path = tmp_path / f"daemon-{len(started)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "RUSTFS_"))}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetticketsd", "--config", str(config_path), "run"],
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            text=True,
-        )
-        d = Daemon(proc, port, log_path, config_path)
-        started.append(d)
-        poll(lambda: d.get("/healthz")[0] == 200, what="daemon /healthz")
-        return d, data
-
-    yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
+from .conftest import REPO, Bucket, Daemon, admin_sql, csv_file, inc_key, poll, row, to_toml
 
 
 def test_drains_on_start_serves_probes_and_reports_lag(

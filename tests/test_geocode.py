@@ -27,7 +27,6 @@ from fleetticketsd.metrics import Metrics
 
 from . import fake_geocoder as fg
 from .conftest import SAMPLE, Bucket, apoll, inc_key, run_cli
-from .test_daemon import start_daemon  # noqa: F401 - a fixture, shared
 from .test_geocode_sql import raw, upsert, where
 
 KEY1 = "automations/inc/changes/2026-06-22T15-50-39.csv"
@@ -458,7 +457,7 @@ def test_metrics_expose_the_contract_names(fake: fg.FakeGeocoder) -> None:
 
 def test_daemon_geocodes_what_its_drains_bring_and_reloads_limits(
     fake: fg.FakeGeocoder,
-    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],  # noqa: F811
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
     bucket: Bucket,
     db_url: str,
     monkeypatch: pytest.MonkeyPatch,

@@ -28,13 +28,12 @@ from string import Template
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import structlog
 from aiohttp import web
 
 from . import __version__, adopt
 from .config import Config
-from .drain import Engine
+from .drain import DB_ERRORS, Engine
 from .feed import file_name
 from .status import GeocoderStatus, Listings, LockHolder, MapPoint, Snapshot, snapshot
 from .terminal import ago, human_duration
@@ -44,7 +43,7 @@ log = structlog.get_logger("fleetticketsd.page")
 SNAPSHOT_TTL_S = 3.0
 SNAPSHOT_TIMEOUT_S = 10.0
 REFRESH_S = 10
-MIN_REFRESH_S = 1
+MIN_REFRESH_S, MAX_REFRESH_S = 1, 3600
 MAP_MAX_LABELS = 40
 SOURCES = ("feed", "location", "cluster", "none")
 SLA_STATES = ("ok", "at_risk", "breached")
@@ -55,12 +54,6 @@ ROW_IDS = {
     "last pass": "last-pass",
     "drain lock": "lock",
 }
-PAGE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
 
 _TEMPLATE = Template(resources.files("fleetticketsd").joinpath("page.html").read_text(encoding="utf-8"))
 
@@ -103,7 +96,7 @@ class StatusPage:
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            refresh_s = max(MIN_REFRESH_S, int(request.query.get("refresh", REFRESH_S)))
+            refresh_s = min(MAX_REFRESH_S, max(MIN_REFRESH_S, int(request.query.get("refresh", REFRESH_S))))
         except ValueError:
             refresh_s = REFRESH_S
         main, title, taken_at = await self._current()
@@ -133,7 +126,7 @@ class StatusPage:
                         snapshot(engine, engine.config, self._listings, self._draining()),
                         SNAPSHOT_TIMEOUT_S,
                     )
-                except PAGE_ERRORS as exc:
+                except DB_ERRORS as exc:
                     problem = f"the database did not answer: {type(exc).__name__}: {exc}".rstrip(": ")
                     log.warning("status page: snapshot failed", error=str(exc))
             snap = self._last_good

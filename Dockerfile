@@ -9,19 +9,25 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS builder
 
+# uv installs exactly the versions of uv.lock (the Makefile's UV_VERSION; keep them
+# together). It comes from PyPI like everything else, not from another registry.
+ARG UV_VERSION=0.13.9
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_LINK_MODE=copy
+RUN pip install "uv==${UV_VERSION}"
 
 WORKDIR /src
-# .dockerignore whitelists only what the wheel needs (pyproject.toml, README.md,
-# fleetticketsd/, migrations/), so this cannot leak local configs or secrets.
+# .dockerignore whitelists only what the wheel needs (pyproject.toml, uv.lock,
+# README.md, fleetticketsd/, migrations/), so this cannot leak local configs or secrets.
 COPY . .
-# A regular (non-editable) install: hatchling force-includes migrations/ into
-# the package, so `fleetticketsd migrate` finds them without the source tree.
-RUN pip install .
+# The locked runtime dependencies (no test extra), then the project itself as a regular
+# (non-editable) install: hatchling force-includes migrations/ into the package, so
+# `fleetticketsd migrate` finds them without the source tree.
+RUN uv sync --frozen --no-dev --no-editable --python "$(command -v python)"
 
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -20,11 +20,11 @@ from typing import Any
 
 import asyncpg
 
-from . import __version__, db, logs
+from . import __version__, db, logs, status
 from .actions import ActionError, load_file, skip
-from .adopt import foreign_write_warning, foreign_writes
+from .adopt import foreign_write_warning
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
-from .drain import DrainReport, Engine, drain, status, status_as_last_seen
+from .drain import DrainReport, Engine, drain
 from .layout import LayoutError
 from .metrics import Metrics
 from .source import S3Source, SourceError
@@ -149,14 +149,10 @@ async def engine_for(config: Config, *, need_source: bool = True) -> AsyncIterat
                 try:
                     await source.check()
                 except SourceError as exc:
-                    raise CommandError(_unreachable(config, exc)) from exc
+                    raise CommandError(status.unreachable(config, exc)) from exc
             yield Engine(config, pool, source, Metrics())
     finally:
         await pool.close()
-
-
-def _unreachable(config: Config, exc: SourceError) -> str:
-    return f"cannot reach bucket {config.s3.bucket!r} at {config.s3.endpoint_url}: {exc}"
 
 
 async def _check_datasets(engine: Engine, datasets: list[DatasetConfig]) -> None:
@@ -273,62 +269,28 @@ def _drain_line(r: DrainReport) -> str:
 
 
 async def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    extra: dict[str, str] = {}
     detailed = not args.json
     async with engine_for(config, need_source=False) as engine:
-        out: dict[str, Any] = {}
-        try:
-            await engine.source.check()
-            unreachable = None
-        except SourceError as exc:
-            unreachable = _unreachable(config, exc)
-        for ds in config.enabled_datasets:
-            if unreachable is None:
-                try:
-                    out[ds.name] = await status(engine, ds, detailed=detailed)
-                    continue
-                except SourceError as exc:
-                    unreachable = str(exc)
-            # CONTRACT: status exits 0. Without the bucket it still says what the database
-            # knows, and says on stderr that the source half is as last seen.
-            out[ds.name] = await status_as_last_seen(engine, ds, unreachable, detailed=detailed)
-            print(
-                f"fleetticketsd: {ds.name}: {unreachable}; newest key, pending files and lag "
-                "are as the last listing saw them",
-                file=sys.stderr,
-            )
-        if detailed:
-            extra = await _geocode_status(engine, config)
-        async with engine.pool.acquire() as conn:
-            writes = await foreign_writes(conn)
-        if writes:
-            # The one way to defeat the stale-write guard: two writers without a shared lock.
-            print(f"fleetticketsd: WARNING: {foreign_write_warning(writes)}", file=sys.stderr)
-            extra["other writers"] = "; ".join(w.describe() for w in writes[:3])
+        report = await status.datasets(engine, config, detailed=detailed)
+        extra = dict((await status.geocoder(engine, config)).rows()) if detailed else {}
+        writers = await status.other_writers(engine)
+    for name, error in report.source_errors.items():
+        # CONTRACT: status exits 0. Without the bucket it still says what the database
+        # knows, and says on stderr that the source half is as last seen.
+        print(
+            f"fleetticketsd: {name}: {error}; newest key, pending files and lag "
+            "are as the last listing saw them",
+            file=sys.stderr,
+        )
+    if writers:
+        # The one way to defeat the stale-write guard: two writers without a shared lock.
+        print(f"fleetticketsd: WARNING: {foreign_write_warning(writers)}", file=sys.stderr)
+        extra["other writers"] = "; ".join(w.describe() for w in writers[:3])
     if args.json:
-        print(json.dumps({"datasets": out}))
+        print(json.dumps({"datasets": report.datasets}))
         return EXIT_OK
-    print(render_status(out, extra))
+    print(render_status(report.datasets, extra))
     return EXIT_OK
-
-
-async def _geocode_status(engine: Engine, config: Config) -> dict[str, str]:
-    """The geocoder's queue and today's budget, for the terminal table (issue 7)."""
-    from .geocode import budget_left, pending_places
-
-    geo = config.geocoder
-    if not geo.enabled:
-        return {"geocoding": "off ([geocoder] enabled = false)"}
-    try:
-        async with engine.pool.acquire() as conn:
-            waiting = await pending_places(conn)
-            left = await budget_left(conn, geo)
-    except asyncpg.PostgresError as exc:  # e.g. the geocoding migration is not applied yet
-        return {"geocoding": f"unknown ({exc})"}
-    return {
-        "geocode queue": f"{waiting} place(s) waiting",
-        "geocode budget": f"{left} of {geo.daily_budget} requests left today (UTC, {geo.provider})",
-    }
 
 
 async def cmd_load_file(config: Config, args: argparse.Namespace) -> int:

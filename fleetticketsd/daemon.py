@@ -36,11 +36,13 @@ from tenacity import (
 from . import adopt, db, dbguard, ledger, logs
 from . import http as http_endpoint
 from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
-from .drain import DrainReport, Engine, drain, status
+from .drain import DrainReport, Engine, drain
 from .geocode import Geocoder
 from .layout import LayoutError
 from .metrics import Metrics
+from .page import StatusPage
 from .source import S3Source, SourceError
+from .status import Listings
 
 log = structlog.get_logger("fleetticketsd.daemon")
 
@@ -64,6 +66,8 @@ class Daemon:
         self._closing: set[asyncio.Task[None]] = set()
         self.geocoder: Geocoder | None = None
         self._foreign_write_seen: datetime | None = None
+        # The source watcher's listings: the status page reads them instead of the bucket.
+        self.listings = Listings()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -77,8 +81,15 @@ class Daemon:
         for ds in self.config.enabled_datasets:
             self.metrics.init_dataset(ds.name)
 
+        page = StatusPage(
+            lambda: self.engine,
+            self.listings,
+            lambda: [n for n, t in self._running.items() if not t.done()],
+            lambda: getattr(self, "_last_db_error", "not connected yet"),
+            self.config_path,
+        )
         runner = await http_endpoint.start(
-            http_endpoint.make_app(self.metrics.registry, self._liveness, self._readiness),
+            http_endpoint.make_app(self.metrics.registry, self._liveness, self._readiness, page.handle),
             self.config.server.host,
             self.config.server.port,
         )
@@ -332,7 +343,7 @@ class Daemon:
             for ds in self.config.enabled_datasets:
                 with structlog.contextvars.bound_contextvars(dataset=ds.name):
                     try:
-                        await status(self.engine, ds)
+                        await self.listings.refresh(self.engine, ds)
                     except WATCH_ERRORS as exc:
                         log.warning("source check failed", error=str(exc))
                     except Exception:  # e.g. a client closed under it by a reload

@@ -295,6 +295,7 @@ async def _pass(
                 state.blocked.key,
                 state.blocked.etag,
                 f"{state.blocked.reason} (file no longer under changes/; use `fleetticketsd skip`)",
+                state.blocked.line,
             )
             m.dataset_blocked.labels(dataset.name).set(1)
             return
@@ -435,10 +436,10 @@ async def _bad_file(
 ) -> None:
     reason = str(exc)
     if dataset.on_bad_file == "halt":
-        report.blocked = Blocked(f.key, f.etag, reason)
+        report.blocked = Blocked(f.key, f.etag, reason, exc.line)
         log.error("bad file: dataset blocked", reason=reason, dry_run=dry_run)
         if not dry_run:
-            await conn.execute(ledger.SET_BLOCKED, dataset.name, f.key, f.etag, reason)
+            await conn.execute(ledger.SET_BLOCKED, dataset.name, f.key, f.etag, reason, exc.line)
             engine.metrics.dataset_blocked.labels(dataset.name).set(1)
         return
     log.error("bad file: quarantined", reason=reason, dry_run=dry_run)
@@ -544,13 +545,17 @@ def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.
 # --- status ----------------------------------------------------------------------------
 
 
-async def status(engine: Engine, dataset: DatasetConfig, detailed: bool = False) -> dict[str, Any]:
+async def status(
+    engine: Engine, dataset: DatasetConfig, detailed: bool = False, listed: list[ChangeFile] | None = None
+) -> dict[str, Any]:
     """What `status --json` prints for one dataset (CONTRACT.md: exactly these keys);
     ``detailed`` adds what the terminal view shows beside them. Also refreshes the
-    source gauges."""
+    source gauges. ``listed``: a listing of changes/ made earlier (the daemon's source
+    watcher keeps one), instead of listing the bucket now."""
     async with engine.pool.acquire() as conn:
         state = await ledger.state(conn, dataset.name)
-        listed = await engine.source.list_changes(dataset)
+        if listed is None:
+            listed = await engine.source.list_changes(dataset)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
     pending = [f for f in listed if (f.key, f.etag) not in known]
     _observe_source(engine, dataset, listed, pending, state.watermark)
@@ -604,4 +609,5 @@ def _with_details(out: dict[str, Any], state: ledger.DatasetState) -> dict[str, 
         "watermark_age_seconds": (datetime.now(UTC) - wm_ts).total_seconds() if wm_ts else None,
         "last_pass_at": state.metadata.get("last_pass_at"),
         "last_pass_outcome": state.metadata.get("last_pass_outcome"),
+        "blocked_line": state.blocked.line if state.blocked else None,
     }

@@ -1,4 +1,5 @@
-"""The HTTP endpoint: /metrics, /healthz, /readyz, served from the daemon's own loop.
+"""The HTTP endpoint: /metrics, /healthz, /readyz and the status page (/), served from
+the daemon's own loop.
 
 Serving from the same event loop as the drains is deliberate: if the loop stalls,
 /healthz stops answering and the orchestrator restarts the container. /healthz never
@@ -17,9 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 # check name -> None when fine, else what is wrong
 ReadinessProbe = Callable[[], Awaitable[dict[str, str | None]]]
 LivenessProbe = Callable[[], str | None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(registry: CollectorRegistry, live: LivenessProbe, ready: ReadinessProbe) -> web.Application:
+def make_app(
+    registry: CollectorRegistry, live: LivenessProbe, ready: ReadinessProbe, page: Handler | None = None
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -47,6 +51,8 @@ def make_app(registry: CollectorRegistry, live: LivenessProbe, ready: ReadinessP
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if page is not None:
+        app.router.add_get("/", page)
     return app
 
 

@@ -21,7 +21,7 @@ INSERT INTO tickets.import_meta (dataset) VALUES ($1) ON CONFLICT (dataset) DO N
 """
 GET_META = """
 SELECT metadata->>'source_max_key' AS watermark, blocked_key, blocked_etag, blocked_reason,
-       blocked_at, last_applied_at, metadata
+       blocked_line, blocked_at, last_applied_at, metadata
 FROM tickets.import_meta WHERE dataset = $1
 """
 LEDGER_FOR_KEYS = """
@@ -47,6 +47,7 @@ SET metadata = CASE
     blocked_key    = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_key END,
     blocked_etag   = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_etag END,
     blocked_reason = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_reason END,
+    blocked_line   = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_line END,
     blocked_at     = CASE WHEN blocked_key = $2 THEN NULL ELSE blocked_at END,
     last_applied_at = now(),
     updated_at = now()
@@ -54,14 +55,15 @@ WHERE dataset = $1
 """
 SET_BLOCKED = """
 UPDATE tickets.import_meta
-SET blocked_key = $2, blocked_etag = $3, blocked_reason = $4,
+SET blocked_key = $2, blocked_etag = $3, blocked_reason = $4, blocked_line = $5,
     blocked_at = CASE WHEN blocked_key IS DISTINCT FROM $2 THEN now() ELSE blocked_at END,
     updated_at = now()
 WHERE dataset = $1
 """
 CLEAR_BLOCKED = """
 UPDATE tickets.import_meta
-SET blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_at = NULL, updated_at = now()
+SET blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_line = NULL, blocked_at = NULL,
+    updated_at = now()
 WHERE dataset = $1 AND ($2::text IS NULL OR blocked_key = $2)
 """
 # What the last listing saw, for status readers (dashboards) that cannot list S3.
@@ -89,8 +91,8 @@ RESEED = """
 WITH gone AS (DELETE FROM tickets.ingest_files WHERE dataset = $1)
 UPDATE tickets.import_meta
 SET metadata = metadata - 'source_max_key',
-    blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_at = NULL,
-    updated_at = now()
+    blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_line = NULL,
+    blocked_at = NULL, updated_at = now()
 WHERE dataset = $1
 """
 # Where a restarted daemon picks up "last successful pass" from, so the
@@ -102,6 +104,21 @@ FROM tickets.import_meta WHERE metadata ? 'last_success_at'
 TRY_DATASET_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
 DATASET_LOCK = "SELECT pg_advisory_lock($1, hashtext($2))"
 DATASET_UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2))"
+# Who holds each dataset's lock ($1 LOCK_NAMESPACE, $2 dataset names): pg_locks shows a
+# two-int advisory key as classid/objid (oids, so hashtext's int4 read unsigned) with
+# objsubid 2; pg_stat_activity says which program that backend serves. Columns of
+# another role's session are NULL unless this role may see them (pg_read_all_stats).
+LOCK_HOLDERS = """
+SELECT d.name AS dataset, l.pid, a.application_name, host(a.client_addr) AS client_addr,
+       a.usename, a.backend_start, a.xact_start, a.state
+FROM unnest($2::text[]) AS d(name)
+JOIN pg_locks l
+  ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ AND l.classid::bigint = $1::bigint
+ AND l.objid::bigint = (hashtext(d.name)::bigint & 4294967295)
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+"""
 INSERT_REJECTS = """
 INSERT INTO tickets.ingest_rejects (dataset, key, etag, line, reason, raw_line)
 SELECT $1, $2, $3, r.line, r.reason, r.raw_line
@@ -114,6 +131,9 @@ class Blocked:
     key: str
     etag: str | None
     reason: str
+    # Where reading the file failed, when known; not in `status --json` (CONTRACT.md
+    # fixes `blocked` to key and reason), shown by the terminal view and the page.
+    line: int | None = None
 
     def as_json(self) -> dict[str, str]:
         return {"key": self.key, "reason": self.reason}
@@ -142,7 +162,7 @@ async def state(conn: asyncpg.Connection, dataset: str) -> DatasetState:
     if row is None:
         return DatasetState(None, None, None, {})
     blocked = (
-        Blocked(row["blocked_key"], row["blocked_etag"], row["blocked_reason"] or "")
+        Blocked(row["blocked_key"], row["blocked_etag"], row["blocked_reason"] or "", row["blocked_line"])
         if row["blocked_key"]
         else None
     )

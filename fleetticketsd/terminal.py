@@ -28,7 +28,7 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _ago(iso: str | None) -> str:
+def ago(iso: str | None) -> str:
     if not iso:
         return "-"
     try:
@@ -52,15 +52,15 @@ def render_status(datasets: dict[str, dict[str, Any]], extra: dict[str, str] | N
             ),
             ("newest in source", _short(st.get("newest_key"))),
             *(
-                [("source", f"UNREACHABLE; figures as last listed ({_ago(st.get('source_checked_at'))})")]
+                [("source", f"UNREACHABLE; figures as last listed ({ago(st.get('source_checked_at'))})")]
                 if st.get("source_error")
                 else []
             ),
             ("pending files", str(st.get("pending_files", "-"))),
             ("lag", human_duration(st.get("lag_seconds"))),
             ("blocked", f"{_short(blocked['key'])}: {blocked['reason']}" if blocked else "no"),
-            ("last applied", _ago(st.get("last_applied_at"))),
-            ("last pass", f"{_ago(st.get('last_pass_at'))}, {st.get('last_pass_outcome') or '-'}"),
+            ("last applied", ago(st.get("last_applied_at"))),
+            ("last pass", f"{ago(st.get('last_pass_at'))}, {st.get('last_pass_outcome') or '-'}"),
         ]
         lines.extend(f"  {label:17} {value}" for label, value in rows)
     if extra:

@@ -19,8 +19,7 @@ from fleetticketsd.status import DatasetsReport, GeocoderStatus, LockHolder, Map
 
 from . import fake_geocoder as fg
 from .browser import chromium, open_page
-from .conftest import HEADER, Bucket, apoll, csv_file, inc_key, poll, row, run_cli
-from .test_daemon import Daemon, start_daemon  # noqa: F401 - a fixture, shared
+from .conftest import HEADER, Bucket, Daemon, apoll, csv_file, inc_key, poll, row, run_cli
 
 NAIROBI = ("-1.3000", "36.8000")
 MOMBASA = ("-4.0435", "39.6682")  # a feed point in the wrong city, to be seen on the map
@@ -75,7 +74,7 @@ def _pixel_variety(png: bytes) -> tuple[int, float]:
 
 
 async def test_page_in_chromium_shows_block_skip_command_geocoder_and_map_then_the_skip(
-    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]],  # noqa: F811
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]],
     bucket: Bucket,
     db_url: str,
     tmp_path: Path,
@@ -181,7 +180,7 @@ async def test_page_in_chromium_shows_block_skip_command_geocoder_and_map_then_t
 
 
 def test_page_names_the_process_holding_the_lock_and_other_writers(
-    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]],  # noqa: F811
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]],
     bucket: Bucket,
     db_url: str,
 ) -> None:

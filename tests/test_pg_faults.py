@@ -501,7 +501,13 @@ def test_read_only_database_after_failover_fails_naming_the_file_readyz_says_rea
     assert "Traceback" not in res.stderr
 
     d, _ = start_daemon(daemon={"pass_retry_attempts": 30, "pass_retry_max_wait_s": 1.0})
-    status = watch_health(d, lambda: (s := d.get("/readyz"))[0] == 503 and json.loads(s[1]), "readyz 503")
+
+    def read_only_probe() -> Any:
+        # 503 also means "not connected yet" on a slow start: wait for the read-only verdict.
+        code, body = d.get("/readyz")
+        return code == 503 and "read-only" in json.loads(body)["checks"]["database"] and json.loads(body)
+
+    status = watch_health(d, read_only_probe, "readyz 503, read-only")
     assert status["checks"]["database"].startswith("read-only (transaction_read_only is on)"), status
     watch_health(d, lambda: failed_pass_logged(d, key, "the database is read-only"), "failed pass logged")
     assert asyncio.run(table_and_ledger(db_url)) == (0, [])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -263,46 +263,20 @@ async def _pass(
     stop: asyncio.Event | None,
 ) -> None:
     m = engine.metrics
-    archived: list[ChangeFile] | None = None
-    try:
-        listed = await engine.source.list_changes(dataset)
-        if reseed == "archive":
-            archived = await engine.source.list_files(dataset.processed_prefix)
-    except SourceError as exc:
-        raise source_failed("list", exc) from exc
-    if reseed == "archive":
-        if not listed and not archived:
-            raise DrainFailed(
-                "list",
-                f"reseed refused: nothing under {dataset.processed_prefix} or {dataset.changes_prefix}",
-            )
-        async with conn.transaction():
-            await replay.clear_dataset(conn, dataset)
-            await conn.execute(ledger.RESEED, dataset.name)
-        log.warning(
-            "reseed from the archive: the dataset's rows, rejects, ledger and watermark forgotten; "
-            "re-applying processed/ and changes/ in name order",
-            processed=len(archived or []),
-            changes=len(listed),
+    replayed: list[ChangeFile] = []
+    if reseed is None:
+        # The watermark moves only under the lock this pass holds: read it first, and
+        # list processed/ after it beside changes/, in the same round trip.
+        state = await ledger.state(conn, dataset.name)
+        listed, after = await _list(
+            engine.source.list_changes(dataset), replay.candidates(engine.source, dataset, state.watermark)
         )
-    elif reseed:
-        if not listed:
-            # A reseed re-applies what is under changes/; with nothing there it
-            # would only throw the ledger and the watermark away.
-            raise DrainFailed("list", f"reseed refused: nothing under {dataset.changes_prefix}")
-        await conn.execute(ledger.RESEED, dataset.name)
-        log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
-    state = await ledger.state(conn, dataset.name)
+        replayed = await replay.not_in_ledger(conn, dataset, after)
+    else:
+        listed, replayed = await _reseed(engine, conn, dataset, reseed)
+        state = await ledger.state(conn, dataset.name)
     report.watermark = state.watermark
     known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
-    try:
-        replayed = (
-            archived
-            if archived is not None
-            else await replay.missing_from_ledger(engine.source, conn, dataset, state.watermark)
-        )
-    except SourceError as exc:
-        raise source_failed("list", exc) from exc
 
     pending: list[ChangeFile] = []
     decided: list[tuple[ChangeFile, ledger.LedgerEntry]] = []
@@ -398,6 +372,52 @@ async def _pass(
     if not dry_run:
         m.dataset_blocked.labels(dataset.name).set(0)
         _observe_source(engine, dataset, listed, [], watermark)
+
+
+async def _list(*listings: Coroutine[Any, Any, list[ChangeFile]]) -> list[list[ChangeFile]]:
+    """Listings at once, each to its end (each is bounded by the S3 timeouts and
+    retries); a failure fails the pass at ``list``, the first listing's error first."""
+    results = await asyncio.gather(*listings, return_exceptions=True)
+    for result in results:
+        if isinstance(result, SourceError):
+            raise source_failed("list", result) from result
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
+async def _reseed(
+    engine: Engine, conn: asyncpg.Connection, dataset: DatasetConfig, reseed: str
+) -> tuple[list[ChangeFile], list[ChangeFile]]:
+    """Forget the dataset's ledger and watermark (and, from the archive, its rows); return
+    the files to apply again: under changes/, and under processed/ from the archive."""
+    if reseed == "archive":
+        listed, archived = await _list(
+            engine.source.list_changes(dataset), engine.source.list_files(dataset.processed_prefix)
+        )
+        if not listed and not archived:
+            raise DrainFailed(
+                "list",
+                f"reseed refused: nothing under {dataset.processed_prefix} or {dataset.changes_prefix}",
+            )
+        async with conn.transaction():
+            await replay.clear_dataset(conn, dataset)
+            await conn.execute(ledger.RESEED, dataset.name)
+        log.warning(
+            "reseed from the archive: the dataset's rows, rejects, ledger and watermark forgotten; "
+            "re-applying processed/ and changes/ in name order",
+            processed=len(archived),
+            changes=len(listed),
+        )
+        return listed, archived
+    (listed,) = await _list(engine.source.list_changes(dataset))
+    if not listed:
+        # A reseed re-applies what is under changes/; with nothing there it
+        # would only throw the ledger and the watermark away.
+        raise DrainFailed("list", f"reseed refused: nothing under {dataset.changes_prefix}")
+    await conn.execute(ledger.RESEED, dataset.name)
+    log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
+    return listed, []
 
 
 async def _apply_one(

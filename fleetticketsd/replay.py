@@ -42,11 +42,9 @@ def ledger_key(dataset: DatasetConfig, f: ChangeFile) -> str:
     return dataset.changes_prefix + f.name
 
 
-async def missing_from_ledger(
-    source: S3Source, conn: asyncpg.Connection, dataset: DatasetConfig, watermark: str | None
-) -> list[ChangeFile]:
-    """Files under processed/ after the watermark that the ledger does not hold (by
-    name, under any ETag: a copy's ETag can differ from its source's), in name order."""
+async def candidates(source: S3Source, dataset: DatasetConfig, watermark: str | None) -> list[ChangeFile]:
+    """Files under processed/ after the watermark, in name order (S3 only: this runs
+    beside the listing of changes/, and the pass's connection is not for sharing)."""
     if watermark is None:
         if await source.any_file(dataset.processed_prefix):
             log.warning(
@@ -56,12 +54,19 @@ async def missing_from_ledger(
                 prefix=dataset.processed_prefix,
             )
         return []
-    after = await source.list_processed_after(dataset, file_name(watermark))
-    if not after:
+    return await source.list_processed_after(dataset, file_name(watermark))
+
+
+async def not_in_ledger(
+    conn: asyncpg.Connection, dataset: DatasetConfig, files: list[ChangeFile]
+) -> list[ChangeFile]:
+    """Those the ledger does not hold, by name under any ETag (a copy's ETag can differ
+    from its source's)."""
+    if not files:
         return []
-    held = await ledger.entries(conn, dataset.name, [ledger_key(dataset, f) for f in after])
+    held = await ledger.entries(conn, dataset.name, [ledger_key(dataset, f) for f in files])
     keys = {key for key, _ in held}
-    return [f for f in after if ledger_key(dataset, f) not in keys]
+    return [f for f in files if ledger_key(dataset, f) not in keys]
 
 
 def merge(pending: list[ChangeFile], replay: list[ChangeFile]) -> list[ChangeFile]:

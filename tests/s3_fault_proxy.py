@@ -218,7 +218,12 @@ class FaultProxy:
             return web.Response(
                 status=fault.status, text=text, content_type="application/xml", headers=fault.headers
             )
-        return await self._forward(request, body, fault)
+        try:
+            return await self._forward(request, body, fault)
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            # The client went away, or down() cut the connection: nobody to answer.
+            _close(request, abort=True)
+            return web.Response(status=500)
 
     async def _forward(self, request: web.Request, body: bytes, fault: Fault | None) -> web.StreamResponse:
         assert self._session is not None and self._release is not None

@@ -320,7 +320,9 @@ async def test_connection_refused_fails_the_pass_at_list_naming_the_endpoint_the
             f"S3 list automations/inc/changes/: cannot connect to {proxy.endpoint}: "
             "connection refused (EndpointConnectionError)"
         )
-        assert len([e for e in logs if e["event"] == "S3 request retried"]) == 2
+        # Each listing (changes/, and processed/ beside it) retried twice, 3 attempts each.
+        retried = [e for e in logs if e["event"] == "S3 request retried"]
+        assert len([e for e in retried if "changes%2F" in e["url"]]) == 2
         assert failures(engine) == NO_FAILURES | {"list": 1.0}
         proxy.up()
         again = await drain(engine, config.dataset("inc"))
@@ -493,22 +495,17 @@ def test_daemon_a_refused_key_fails_each_pass_once_and_waits_for_the_next_cron_f
         # The watcher lists too: keep it out of the count.
         daemon={"pass_retry_attempts": 5, "pass_retry_max_wait_s": 0.2, "source_check_interval_s": 600},
     )
-    failed = watch_health(
-        d,
-        lambda: (f := d.logged("drain pass failed", dataset="inc")) and len(f) >= 2 and f,
-        "two failed passes",
-    )
+    not_retried = "drain pass not retried: retrying cannot help until someone fixes the cause; " \
+        "the next cron fire tries again"  # fmt: skip
+    watch_health(d, lambda: len(d.logged(not_retried, dataset="inc")) >= 2, "2 passes failed, not retried")
+    failed = d.logged("drain pass failed", dataset="inc")
     assert {e["stage"] for e in failed} == {"list"}
-    assert (
-        "InvalidAccessKeyId (HTTP 403)" in failed[0]["error"]
-        and "a credentials problem" in failed[0]["error"]
-    )
-    not_retried = d.logged("drain pass not retried: retrying cannot help until someone fixes the cause; "
-                           "the next cron fire tries again", dataset="inc")  # fmt: skip
-    assert len(not_retried) >= 2
-    # One request per pass: no botocore retry, no pass retry.
-    assert refused.hits == len(d.logged("drain pass failed", dataset="inc")) <= 3
-    assert d.metric("fleettickets_poll_failures_total", dataset="inc", stage="list") == refused.hits
+    assert "InvalidAccessKeyId (HTTP 403)" in failed[0]["error"]
+    assert "a credentials problem" in failed[0]["error"]
+    # One request per pass: no botocore retry, no pass retry (a next pass may be under way).
+    passes = len(d.logged(not_retried, dataset="inc"))
+    assert passes <= refused.hits <= passes + 1 and passes <= 3
+    assert passes <= (d.metric("fleettickets_poll_failures_total", dataset="inc", stage="list") or 0)
 
     proxy.clear()  # the key is fixed
     watch_health(d, lambda: d.metric("fleettickets_files_applied_total", dataset="inc") == 2, "applied")

@@ -127,8 +127,8 @@ def moto_server() -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    name = f"fleet_bench_{os.getpid()}"
+async def scratch_database(suffix: str = "") -> AsyncIterator[str]:
+    name = f"fleet_bench_{os.getpid()}{suffix}"
     admin = await asyncpg.connect(ADMIN_URL)
     await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {name}")

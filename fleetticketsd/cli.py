@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", action="append", default=[], metavar="NAME")
     d.add_argument("--dry-run", action="store_true", help="parse and upsert, then roll back")
     d.add_argument("--reseed", action="store_true", help="forget ledger and watermark; re-apply changes/")
+    d.add_argument(
+        "--from-archive",
+        action="store_true",
+        help="with --reseed: rebuild the dataset from nothing, from processed/ and changes/ in name order",
+    )
     d.add_argument("--json", action="store_true")
 
     s = sub.add_parser("status", parents=[after], help="per-dataset watermark, lag, pending files, block")
@@ -227,6 +232,8 @@ async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
 
 
 async def cmd_drain(config: Config, args: argparse.Namespace) -> int:
+    if args.from_archive and not args.reseed:
+        raise CommandError("--from-archive goes with --reseed (`drain --reseed --from-archive`)", EXIT_CONFIG)
     if args.reseed and not args.dataset:
         # Forgetting every dataset's ledger at once is never what a cutover of one needs.
         raise CommandError("--reseed needs --dataset NAME (one per dataset to reseed)", EXIT_CONFIG)
@@ -238,7 +245,14 @@ async def cmd_drain(config: Config, args: argparse.Namespace) -> int:
         progress = DrainProgress() if sys.stderr.isatty() and not args.json else None
         for ds in datasets:
             reports.append(
-                await drain(engine, ds, dry_run=args.dry_run, reseed=args.reseed, progress=progress)
+                await drain(
+                    engine,
+                    ds,
+                    dry_run=args.dry_run,
+                    reseed=args.reseed,
+                    from_archive=args.from_archive,
+                    progress=progress,
+                )
             )
     if args.json:
         print(json.dumps({"datasets": {r.dataset: r.as_json() for r in reports}}))
@@ -258,6 +272,8 @@ def _drain_line(r: DrainReport) -> str:
         f"{r.rows_rejected} rejected",
         f"watermark {r.watermark or '-'}",
     ]
+    if r.files_replayed:
+        parts.insert(1, f"{r.files_replayed} of them replayed from processed/")
     line = prefix + ", ".join(parts)
     if r.blocked:
         line += f"\n  BLOCKED at {r.blocked.key}: {r.blocked.reason}"

@@ -57,6 +57,8 @@ class S3Config:
     bucket: str = "isptickets"
     region: str = "us-east-1"
     addressing_style: Literal["path", "virtual", "auto"] = "path"
+    # Attempts per S3 request, the first included (botocore's standard retry mode).
+    max_attempts: int = 5
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     access_key_id: str | None = field(default=None, repr=False)
@@ -381,6 +383,11 @@ def _validate(config: Config) -> None:
         ("database.connect_timeout_s", config.database.connect_timeout_s),
         ("database.statement_timeout_s", config.database.statement_timeout_s),
         ("database.acquire_timeout_s", config.database.acquire_timeout_s),
+        # 0 would switch the bound off (aiohttp reads 0 as "no timeout"): a stalled
+        # body would then hold its pass forever.
+        ("s3.connect_timeout_s", config.s3.connect_timeout_s),
+        ("s3.read_timeout_s", config.s3.read_timeout_s),
+        ("s3.max_attempts", config.s3.max_attempts),
         ("geocoder.rate_per_second", config.geocoder.rate_per_second),
         ("geocoder.max_distance_km", config.geocoder.max_distance_km),
         ("geocoder.timeout_s", config.geocoder.timeout_s),

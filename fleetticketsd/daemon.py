@@ -78,6 +78,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
         self.metrics.config_reload_ts.set(time.time())
+        # Counted at scrape time, from the loop that serves the scrape: free between scrapes.
+        self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         for ds in self.config.enabled_datasets:
             self.metrics.init_dataset(ds.name)
 
@@ -201,7 +203,7 @@ class Daemon:
         if old is not None and old.config.s3 == config.s3:
             source = old.source
         else:
-            source = S3Source(config.s3)
+            source = S3Source(config.s3, on_retry=self.metrics.s3_retry)
             await source.__aenter__()
         drift = old.drift_logged if old is not None else set()
         return Engine(config, pool, source, self.metrics, drift)
@@ -294,7 +296,12 @@ class Daemon:
         cfg = self.config.daemon
 
         def failed(report: DrainReport | None) -> bool:
-            return report is not None and report.failed is not None and not self.stopping.is_set()
+            return (
+                report is not None
+                and report.failed is not None
+                and report.retryable
+                and not self.stopping.is_set()
+            )
 
         report: DrainReport | None = None
         try:
@@ -325,6 +332,13 @@ class Daemon:
                     attempt.retry_state.set_result(report)
         except RetryError:
             log.error("drain pass failed after retries; next cron fire tries again", dataset=name)
+        if report is not None and report.failed is not None and not report.retryable:
+            log.error(
+                "drain pass not retried: retrying cannot help until someone fixes the cause; "
+                "the next cron fire tries again",
+                dataset=name,
+                stage=report.failed_stage,
+            )
         return report
 
     async def _interruptible_sleep(self, seconds: float) -> None:

@@ -3,7 +3,8 @@
 The pass, top to bottom:
   1. take the dataset's advisory lock (semantic 7) — another process draining it
      means this pass has nothing to do;
-  2. list ``changes/`` and look the listed files up in the ledger, once;
+  2. list ``changes/`` and look the listed files up in the ledger, once; list
+     ``processed/`` after the watermark for files a restored database lacks (replay.py);
   3. finish what an earlier pass decided but did not get to move: applied files
      still in ``changes/`` are archived, never re-applied (semantic 3); skipped or
      quarantined ones go back to ``quarantine/``;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from . import ledger
+from . import ledger, replay
 from .apply import FileResult, apply_file
 from .config import Config, DatasetConfig
 from .dbguard import DatabaseFault, acquire, describe, end_session, is_read_only, session_ended
@@ -33,6 +34,7 @@ from .feed import BadFile, file_name, key_timestamp
 from .ledger import Blocked
 from .metrics import Metrics
 from .pipeline import Archiver, Prefetcher
+from .s3errors import futile
 from .source import ChangeFile, S3Source, SourceError
 
 log = structlog.get_logger("fleetticketsd.drain")
@@ -66,9 +68,17 @@ class Engine:
 
 
 class DrainFailed(Exception):
-    def __init__(self, stage: str, message: str) -> None:
+    """``retryable`` is False when retrying the pass soon cannot help (the bucket refused
+    the credentials): the daemon then waits for the next cron fire."""
+
+    def __init__(self, stage: str, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.stage = stage
+        self.retryable = retryable
+
+
+def source_failed(stage: str, exc: SourceError) -> DrainFailed:
+    return DrainFailed(stage, str(exc), retryable=not (futile(exc) or futile(exc.__cause__)))
 
 
 PASS_ERRORS: tuple[type[BaseException], ...] = (DrainFailed, *DB_ERRORS)
@@ -85,6 +95,9 @@ class DrainReport:
     locked: bool = False
     failed: str | None = None
     failed_stage: str | None = None
+    retryable: bool = True
+    # Files applied again from processed/ (a restored database lacked them).
+    files_replayed: int = 0
     # The file the pass is at: the one in flight, else the next one due.
     at_key: str | None = None
     dry_run: bool = False
@@ -149,15 +162,19 @@ async def drain(
     *,
     dry_run: bool = False,
     reseed: bool = False,
+    from_archive: bool = False,
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
 ) -> DrainReport:
     """One pass over one dataset. Never raises for an operational failure: the report says.
 
+    ``reseed`` forgets the ledger and watermark and re-applies changes/; with
+    ``from_archive`` the dataset is rebuilt from nothing, from processed/ and changes/.
     ``stop`` is checked between files: a shutdown lets the file in flight commit and
     leaves the rest for the next start.
     """
     report = DrainReport(dataset.name, dry_run=dry_run)
+    reseed_from = ("archive" if from_archive else "changes") if reseed or from_archive else None
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(dataset=dataset.name):
         try:
@@ -174,12 +191,12 @@ async def drain(
                         tx = conn.transaction()
                         await tx.start()
                         try:
-                            await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
+                            await _pass(engine, conn, dataset, report, dry_run, reseed_from, progress, stop)
                         finally:
                             if not session_ended(conn):
                                 await tx.rollback()
                     else:
-                        await _pass(engine, conn, dataset, report, dry_run, reseed, progress, stop)
+                        await _pass(engine, conn, dataset, report, dry_run, reseed_from, progress, stop)
                 except BaseException:
                     # A pass that stops on an error may stop mid-statement. Ending the
                     # session (not unlocking it and handing it back to the pool as it is)
@@ -191,6 +208,7 @@ async def drain(
         except PASS_ERRORS as exc:
             if isinstance(exc, DrainFailed):
                 report.failed, report.failed_stage = str(exc), exc.stage
+                report.retryable = exc.retryable
             else:
                 where = report.at_key or "database"
                 report.failed, report.failed_stage = f"{where}: {describe(exc)}", "apply"
@@ -240,23 +258,23 @@ async def _pass(
     dataset: DatasetConfig,
     report: DrainReport,
     dry_run: bool,
-    reseed: bool,
+    reseed: str | None,
     progress: Progress | None,
     stop: asyncio.Event | None,
 ) -> None:
     m = engine.metrics
-    try:
-        listed = await engine.source.list_changes(dataset)
-    except SourceError as exc:
-        raise DrainFailed("list", str(exc)) from exc
-    if reseed:
-        if not listed:
-            # A reseed re-applies what is under changes/; with nothing there it
-            # would only throw the ledger and the watermark away.
-            raise DrainFailed("list", f"reseed refused: nothing under {dataset.changes_prefix}")
-        await conn.execute(ledger.RESEED, dataset.name)
-        log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
-    state = await ledger.state(conn, dataset.name)
+    replayed: list[ChangeFile] = []
+    if reseed is None:
+        # The watermark moves only under the lock this pass holds: read it first, and
+        # list processed/ after it beside changes/, in the same round trip.
+        state = await ledger.state(conn, dataset.name)
+        listed, after = await _list(
+            engine.source.list_changes(dataset), replay.candidates(engine.source, dataset, state.watermark)
+        )
+        replayed = await replay.not_in_ledger(conn, dataset, after)
+    else:
+        listed, replayed = await _reseed(engine, conn, dataset, reseed)
+        state = await ledger.state(conn, dataset.name)
     report.watermark = state.watermark
     known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
 
@@ -269,6 +287,9 @@ async def _pass(
         else:
             decided.append((f, entry))
     _observe_source(engine, dataset, listed, pending, state.watermark)
+    waiting = len(pending)  # under changes/: what the gauges and `status` count
+    pending = replay.merge(pending, replayed)
+    from_processed = {f.key for f in replayed}
     if state.blocked is not None and any(f.key == state.blocked.key for f in pending):
         report.at_key = state.blocked.key
     elif pending:
@@ -283,12 +304,12 @@ async def _pass(
             ledger.RECORD_SOURCE_SEEN,
             dataset.name,
             listed[-1].key if listed else None,
-            len(pending),
+            waiting,
         )
 
     if state.blocked is not None:
         first = next((f for f in pending if f.key == state.blocked.key), None)
-        if first is None and not any(f.key == state.blocked.key for f in listed):
+        if first is None and not any(f.key == state.blocked.key for f in (*listed, *replayed)):
             # The bad file vanished without `skip`: its rows are unaccounted for, so
             # the dataset stays blocked until an operator decides.
             report.blocked = Blocked(
@@ -330,17 +351,20 @@ async def _pass(
                 return
             report.at_key = f.key
             with structlog.contextvars.bound_contextvars(key=f.key):
-                result = await _apply_one(engine, conn, dataset, f, prefetch, watermark, report, dry_run)
+                again = f.key in from_processed
+                result = await _apply_one(
+                    engine, conn, dataset, f, prefetch, watermark, report, dry_run, again
+                )
                 if result is None:
                     if report.blocked is not None:
                         return
                     continue
                 if not is_late(f.key, watermark):
-                    watermark = f.key
+                    watermark = replay.ledger_key(dataset, f) if again else f.key
                 report.watermark = watermark
                 if progress is not None:
                     progress(dataset, done, len(pending), result)
-                if not dry_run:
+                if not dry_run and not again:  # a replayed file stays in processed/
                     archiver.submit(f)
     finally:
         await prefetch.close()
@@ -349,6 +373,52 @@ async def _pass(
     if not dry_run:
         m.dataset_blocked.labels(dataset.name).set(0)
         _observe_source(engine, dataset, listed, [], watermark)
+
+
+async def _list(*listings: Coroutine[Any, Any, list[ChangeFile]]) -> list[list[ChangeFile]]:
+    """Listings at once, each to its end (each is bounded by the S3 timeouts and
+    retries); a failure fails the pass at ``list``, the first listing's error first."""
+    results = await asyncio.gather(*listings, return_exceptions=True)
+    for result in results:
+        if isinstance(result, SourceError):
+            raise source_failed("list", result) from result
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
+async def _reseed(
+    engine: Engine, conn: asyncpg.Connection, dataset: DatasetConfig, reseed: str
+) -> tuple[list[ChangeFile], list[ChangeFile]]:
+    """Forget the dataset's ledger and watermark (and, from the archive, its rows); return
+    the files to apply again: under changes/, and under processed/ from the archive."""
+    if reseed == "archive":
+        listed, archived = await _list(
+            engine.source.list_changes(dataset), engine.source.list_files(dataset.processed_prefix)
+        )
+        if not listed and not archived:
+            raise DrainFailed(
+                "list",
+                f"reseed refused: nothing under {dataset.processed_prefix} or {dataset.changes_prefix}",
+            )
+        async with conn.transaction():
+            await replay.clear_dataset(conn, dataset)
+            await conn.execute(ledger.RESEED, dataset.name)
+        log.warning(
+            "reseed from the archive: the dataset's rows, rejects, ledger and watermark forgotten; "
+            "re-applying processed/ and changes/ in name order",
+            processed=len(archived),
+            changes=len(listed),
+        )
+        return listed, archived
+    (listed,) = await _list(engine.source.list_changes(dataset))
+    if not listed:
+        # A reseed re-applies what is under changes/; with nothing there it
+        # would only throw the ledger and the watermark away.
+        raise DrainFailed("list", f"reseed refused: nothing under {dataset.changes_prefix}")
+    await conn.execute(ledger.RESEED, dataset.name)
+    log.warning("reseed: ledger and watermark forgotten; re-applying every file under changes/")
+    return listed, []
 
 
 async def _apply_one(
@@ -360,8 +430,10 @@ async def _apply_one(
     watermark: str | None,
     report: DrainReport,
     dry_run: bool,
+    replayed: bool = False,
 ) -> FileResult | None:
-    """Apply one file; None if it was bad (then report.blocked says whether to stop)."""
+    """Apply one file; None if it was bad (then report.blocked says whether to stop).
+    ``replayed``: read from processed/, recorded under its changes/ key."""
     m = engine.metrics
     late = is_late(f.key, watermark)
     log.info("applying file", size_bytes=f.size, late=late)
@@ -370,7 +442,7 @@ async def _apply_one(
             result = await apply_file(
                 conn,
                 dataset,
-                f.key,
+                replay.ledger_key(dataset, f) if replayed else f.key,
                 f.etag,
                 chunks,
                 late=late,
@@ -392,7 +464,7 @@ async def _apply_one(
         await _bad_file(engine, conn, dataset, f, bad, report, dry_run)
         return None
     except SourceError as exc:
-        raise DrainFailed("fetch", str(exc)) from exc
+        raise source_failed("fetch", exc) from exc
     except DB_ERRORS as exc:
         raise DrainFailed("apply", f"{f.key}: {describe(exc)}") from exc
 
@@ -410,6 +482,14 @@ async def _apply_one(
     if late:
         m.late_files.labels(dataset.name).inc()
         log.warning("late file applied under the stale-write guard", watermark=watermark)
+    if replayed:
+        report.files_replayed += 1
+        m.replayed_files.labels(dataset.name).inc()
+        log.warning(
+            "file replayed from processed/: the ledger did not hold it (database restored from "
+            "an older backup?); applied under the stale-write guard, left in processed/",
+            watermark=watermark,
+        )
     if result.extra_columns and (dataset.name, result.extra_columns) not in engine.drift_logged:
         engine.drift_logged.add((dataset.name, result.extra_columns))
         log.warning("schema drift: extra columns kept in raw", columns=list(result.extra_columns))

@@ -7,7 +7,7 @@ Metrics instance, so tests can run several daemons in one interpreter).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from . import __version__
 
@@ -135,7 +135,31 @@ class Metrics:
             "legacy loader (tickets.foreign_writes)",
             registry=r,
         )
+        # Recovery from a database restore (CONTRACT.md): files applied again from processed/.
+        self.replayed_files = Counter(
+            "fleettickets_replayed_files",
+            "Files under processed/ the ledger did not hold (a restored database), applied again",
+            ds,
+            registry=r,
+        )
+        # Ours: what botocore retried before a call succeeded or gave up, so throttling
+        # (SlowDown) and a flaky endpoint show before they fail a pass.
+        self.s3_retries = Counter(
+            "fleettickets_s3_retries",
+            "S3 requests retried by the client, by operation and reason (S3 error code or exception)",
+            ("operation", "reason"),
+            registry=r,
+        )
+        # Leaks show as a slope: tasks of the event loop (set by the daemon), and the
+        # standard process_* series (RSS, open file descriptors).
+        self.asyncio_tasks = Gauge(
+            "fleettickets_asyncio_tasks", "Tasks alive on the daemon's event loop", registry=r
+        )
+        ProcessCollector(registry=r)
         self.config_reload_ok.set(1)
+
+    def s3_retry(self, operation: str, reason: str) -> None:
+        self.s3_retries.labels(operation, reason).inc()
 
     def init_dataset(self, dataset: str) -> None:
         """Export every per-dataset series at zero, so dashboards and rate() see them at once."""
@@ -148,6 +172,7 @@ class Metrics:
             self.pending_files,
             self.source_lag,
             self.archive_pending,
+            self.replayed_files,
         ):
             metric.labels(dataset)
         for stage in POLL_STAGES:
@@ -165,6 +190,7 @@ class Metrics:
             self.pending_files,
             self.source_lag,
             self.archive_pending,
+            self.replayed_files,
             self.watermark_ts,
             self.newest_source_ts,
             self.last_success,

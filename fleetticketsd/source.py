@@ -3,7 +3,8 @@
 Only names decide order (CONTRACT.md semantic 1): LastModified changes on every copy
 and re-upload and says nothing about when the export ran. Transient S3 errors are
 retried by botocore's own "standard" retry mode (exponential backoff with jitter,
-throttling-aware), so callers see only errors that outlived those retries.
+throttling-aware, Retry-After honoured: s3errors.py), so callers see only errors that
+outlived those retries.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .config import DatasetConfig, S3Config
 from .feed import file_name, key_timestamp
+from .s3errors import OnRetry, install_retries
+from .s3errors import describe as describe_s3
 
 
 class SourceError(Exception):
@@ -35,10 +38,7 @@ class SourceError(Exception):
 
 
 def describe(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
-    return f"{type(exc).__name__}: {exc}"
+    return describe_s3(exc)
 
 
 def _is_code(exc: BaseException, *codes: str) -> bool:
@@ -60,8 +60,13 @@ class ChangeFile:
 class S3Source:
     """One aiobotocore client, shared by every dataset of the process."""
 
-    def __init__(self, config: S3Config, max_attempts: int = 5) -> None:
+    def __init__(
+        self, config: S3Config, max_attempts: int | None = None, on_retry: OnRetry | None = None
+    ) -> None:
         self.config = config
+        # Counting the first attempt (botocore's total_max_attempts).
+        self.max_attempts = max_attempts or config.max_attempts
+        self._on_retry = on_retry
         self.bucket = config.bucket
         self._session = aioboto3.Session(
             aws_access_key_id=config.access_key_id,
@@ -70,7 +75,7 @@ class S3Source:
         )
         self._boto_config = AioConfig(
             s3={"addressing_style": config.addressing_style},
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             connect_timeout=config.connect_timeout_s,
             read_timeout=config.read_timeout_s,
             max_pool_connections=16,
@@ -82,6 +87,7 @@ class S3Source:
         self._client = await self._stack.enter_async_context(
             self._session.client("s3", endpoint_url=self.config.endpoint_url, config=self._boto_config)
         )
+        install_retries(self._client, self.max_attempts, self._on_retry)
         return self
 
     async def __aexit__(
@@ -103,16 +109,27 @@ class S3Source:
             raise SourceError("head_bucket", self.bucket, exc) from exc
 
     async def list_changes(self, dataset: DatasetConfig) -> list[ChangeFile]:
-        """Every change file under ``<prefix>changes/``, oldest name first.
+        """Every change file under ``<prefix>changes/``, oldest name first."""
+        return await self.list_files(dataset.changes_prefix)
+
+    async def list_processed_after(self, dataset: DatasetConfig, name: str) -> list[ChangeFile]:
+        """The files under ``<prefix>processed/`` whose names sort after ``name``.
+
+        StartAfter lets the server skip the archive's history: a pass after a
+        restore reads only the tail it may have to apply again, never all of it."""
+        return await self.list_files(dataset.processed_prefix, start_after=dataset.processed_prefix + name)
+
+    async def list_files(self, prefix: str, start_after: str | None = None) -> list[ChangeFile]:
+        """Timestamp-named files directly under ``prefix``, oldest name first.
 
         The Delimiter keeps the listing to the one level that matters: sub-folders
-        under changes/ are not change files and cost nothing to skip.
+        are not change files and cost nothing to skip.
         """
-        prefix = dataset.changes_prefix
         found: list[ChangeFile] = []
+        extra = {"StartAfter": start_after} if start_after else {}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/", **extra):
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
                     ts = key_timestamp(key)
@@ -123,6 +140,14 @@ class S3Source:
             raise SourceError("list", prefix, exc) from exc
         found.sort(key=lambda f: f.name)
         return found
+
+    async def any_file(self, prefix: str) -> bool:
+        """Whether anything at all lies under ``prefix`` (one key asked for)."""
+        try:
+            resp = await self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("list", prefix, exc) from exc
+        return bool(resp.get("KeyCount") or resp.get("Contents"))
 
     async def head(self, key: str) -> ChangeFile | None:
         try:

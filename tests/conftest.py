@@ -9,6 +9,7 @@ between tests, and tests can run in any order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -20,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,12 +174,19 @@ def template_db() -> Iterator[str]:
     admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture
-def db_url(template_db: str) -> Iterator[str]:
+@contextlib.contextmanager
+def cloned_db(template_db: str) -> Iterator[str]:
+    """A database of its own, cloned from the migrated template; dropped afterwards."""
     name = f"fleet_t_{uuid.uuid4().hex[:12]}"
     admin_sql(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield _db_url(name)
     admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db_url(template_db: str) -> Iterator[str]:
+    with cloned_db(template_db) as url:
+        yield url
 
 
 @dataclass
@@ -283,6 +291,18 @@ def make_config(db_url: str, bucket: Bucket) -> Callable[..., Config]:
 @pytest.fixture
 def config(make_config: Callable[..., Config]) -> Config:
     return make_config()
+
+
+@contextlib.asynccontextmanager
+async def engine_for(config: Config) -> AsyncIterator[Engine]:
+    """An engine of its own for ``config`` (its S3 retries counted in its metrics)."""
+    metrics = Metrics()
+    pool = await db.create_pool(config.database)
+    try:
+        async with S3Source(config.s3, on_retry=metrics.s3_retry) as source:
+            yield Engine(config, pool, source, metrics)
+    finally:
+        await pool.close()
 
 
 @pytest.fixture
@@ -462,7 +482,8 @@ def start_daemon(
 ) -> Iterator[Callable[..., tuple[Daemon, dict[str, Any]]]]:
     started: list[Daemon] = []
 
-    def start(**overrides: Any) -> tuple[Daemon, dict[str, Any]]:
+    def start(wrap: Sequence[str] = (), **overrides: Any) -> tuple[Daemon, dict[str, Any]]:
+        """``wrap``: a command line the daemon's command is appended to (a namespace)."""
         overrides.setdefault("schedule", {"cron": NEVER})
         overrides.setdefault("logging", {"format": "json"})
         daemon_cfg = {"source_check_interval_s": 0.3, "pass_retry_max_wait_s": 1.0}
@@ -474,7 +495,7 @@ def start_daemon(
         log_path = tmp_path / f"daemon-{len(started)}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "RUSTFS_"))}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetticketsd", "--config", str(config_path), "run"],
+            [*wrap, sys.executable, "-m", "fleetticketsd", "--config", str(config_path), "run"],
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
             env=env,

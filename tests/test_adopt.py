@@ -355,6 +355,10 @@ def test_drain_applies_only_newer_files_and_equals_in_order_application_of_the_w
     res = run_cli("drain", "--json", env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)["datasets"]
+    # The loader's files in processed/ sort at or before the adopted watermark: the
+    # replay's listing starts after it, and none of them is applied again.
+    assert "file replayed from processed/" not in res.stderr
+    assert "no watermark yet" not in res.stderr
     newer = {d: len(files) - LOADER_APPLIED[d] for d, files in legacy.files.items()}
     assert out["inc"]["files_applied"] == newer["inc"] + 1  # the late one, under the guard
     assert out["crq"]["files_applied"] == newer["crq"]

@@ -76,6 +76,9 @@ def test_prefix_normalised_and_defaults() -> None:
             "datasets.a.table",
         ),
         (minimal(geocoder={"rate_per_second": 0}), "geocoder.rate_per_second"),
+        # 0 would switch the bound off: a stalled S3 body would hold its pass forever.
+        (minimal(s3={"read_timeout_s": 0}), "s3.read_timeout_s"),
+        (minimal(s3={"max_attempts": 0}), "s3.max_attempts"),
         (minimal(geocoder={"provider": "google"}), "geocoder.provider"),
         (minimal(daemon={"shutdown_grace_period_s": "30s"}), "daemon.shutdown_grace_period_s"),
         (

@@ -1,4 +1,4 @@
-"""The geocoding worker: one queue, one rate limit, one daily budget, one gazetteer.
+"""The geocoding worker: one queue, one pacer, one daily budget, one gazetteer.
 
 Why it looks like this:
 
@@ -9,9 +9,12 @@ Why it looks like this:
 - Cluster centroids go first (priority 0): they are every ticket's fallback and the
   reference of the wrong-city guard for the cluster's locations (priority 1), which
   are only queued once their cluster has an answer.
-- One worker sends one request at a time through ``AsyncLimiter(1, 1 / rate)``: a
-  leaky bucket of capacity one spaces requests evenly. ``AsyncLimiter(rate, 1)``
-  would allow ``rate`` back-to-back requests, which LocationIQ answers with 429.
+- Requests go through one :class:`~.pacer.Pacer` for the worker's whole life: one in
+  flight at a time, the next one ``1 / rate`` after the previous *answer*, so the
+  provider never sees two closer than that, even when a connection set-up or a busy
+  event loop delays a send (which is what made a limiter that spaces acquisitions
+  collide with LocationIQ's per-second limit at start-up; see pacer.py). A 429 or a
+  Retry-After pushes the pacer's next turn, for every pass that shares it.
 - The daily budget is counted in PostgreSQL per provider and UTC day with an atomic
   conditional upsert, so a restart or a second replica cannot overspend it.
 - The database decides where tickets are: storing a gazetteer row fires the
@@ -35,10 +38,10 @@ from typing import Any, Literal, TypeAlias
 import asyncpg
 import httpx
 import structlog
-from aiolimiter import AsyncLimiter
 
 from .config import GeocoderConfig
 from .metrics import GEOCODE_OUTCOMES, Metrics
+from .pacer import Pacer
 from .providers import Answer, Provider, make_provider
 
 log = structlog.get_logger("fleetticketsd.geocode")
@@ -48,6 +51,8 @@ CLUSTER, LOCATION = 0, 1  # queue priorities: lower first
 # Tries of one place within a pass for transient failures (429 per second, 5xx, timeout).
 TRANSIENT_TRIES = 3
 MAX_BACKOFF_S = 60.0
+# A 429 without Retry-After pauses every request this long (LocationIQ counts per second).
+RATE_LIMITED_PAUSE_S = 1.0
 # While paused until a time (midnight UTC), re-read the injected clock this often.
 CLOCK_CHECK_S = 30.0
 STOP_REASONS = ("auth", "budget", "day_limit")
@@ -284,6 +289,7 @@ class Geocoder:
         clock: Callable[[], datetime] = utc_now,
         clock_check_s: float = CLOCK_CHECK_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._pool = pool
         self.metrics = metrics
@@ -300,17 +306,13 @@ class Geocoder:
         self.stopped: str | None = None  # "auth" while the key is refused
         self.config = config
         self.provider: Provider = make_provider(config)
-        self.limiter = self._make_limiter(config.rate_per_second)
+        # Passed in, one pacer spaces the requests of several workers of this process.
+        self.pacer = pacer or Pacer(1.0 / config.rate_per_second)
         for outcome in GEOCODE_OUTCOMES:
             metrics.geocode_requests.labels(config.provider, outcome)
         for reason in STOP_REASONS:
             metrics.geocode_stopped.labels(reason).set(0)
         metrics.geocode_queue_depth.set(0)
-
-    @staticmethod
-    def _make_limiter(rate_per_second: float) -> AsyncLimiter:
-        # Capacity one, refilled every 1/rate s: evenly spaced, never a burst.
-        return AsyncLimiter(1, 1.0 / rate_per_second)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -339,7 +341,9 @@ class Geocoder:
         """SIGHUP: new limits apply to the next request; a refused key may be retried."""
         old, self.config = self.config, config
         if config.rate_per_second != old.rate_per_second:
-            self.limiter = self._make_limiter(config.rate_per_second)
+            # The same pacer, a new interval: a fresh one would let the next request
+            # go at once, right behind the last one.
+            self.pacer.set_rate(config.rate_per_second)
         if (config.provider, config.base_url, config.country_codes) != (
             old.provider,
             old.base_url,
@@ -501,7 +505,9 @@ class Geocoder:
                 return "limit"
             if not await self._take_budget():
                 return "budget"
-            answer = await self._request(job.query)
+            answer = await self._request(job.query, attempt)
+            if answer is None:
+                return "stopping"
             report.requests += 1
             report.outcomes[answer.outcome] += 1
             if answer.outcome in ("ok", "no_match"):
@@ -520,8 +526,7 @@ class Geocoder:
                     detail=answer.detail,
                 )
                 return "auth"
-            # rate_limited / error: transient. The pause holds the whole worker, which
-            # is the point: the provider asked the process, not this place, to slow down.
+            # rate_limited / error: transient; _request has pushed the pacer's next turn.
             self._count("rate_limited" if answer.outcome == "rate_limited" else "error")
             log.warning(
                 "geocode request failed; backing off",
@@ -530,11 +535,6 @@ class Geocoder:
                 query=job.query,
                 attempt=attempt + 1,
             )
-            if attempt + 1 < TRANSIENT_TRIES:
-                wait = answer.retry_after_s
-                if wait is None:
-                    wait = min(2.0**attempt, MAX_BACKOFF_S)
-                await self._sleep(min(wait, MAX_BACKOFF_S * 5))
         assert answer is not None
         status = await self._store(job, answer)
         if answer.outcome in ("ok", "no_match"):
@@ -545,16 +545,36 @@ class Geocoder:
             )
         return "done"
 
-    async def _request(self, query: str) -> Answer:
+    async def _request(self, query: str, attempt: int = 0) -> Answer | None:
+        """One request in the pacer's turn; None when stopping before it was sent."""
         assert self._client is not None, "use the Geocoder as an async context manager"
-        async with self.limiter:
+        async with self.pacer.turn(self._stop) as go:
+            if not go:
+                return None
             try:
                 response = await self._client.get(self.provider.url(), params=self.provider.params(query))
             except httpx.TimeoutException as exc:
-                return Answer("error", detail=f"timeout: {type(exc).__name__}")
+                answer = Answer("error", detail=f"timeout: {type(exc).__name__}")
             except httpx.HTTPError as exc:
-                return Answer("error", detail=f"{type(exc).__name__}: {exc}")
-        return self.provider.interpret(response)
+                answer = Answer("error", detail=f"{type(exc).__name__}: {exc}")
+            else:
+                answer = self.provider.interpret(response)
+            # Still inside the turn, so that no other pass slips in before the pause.
+            # The provider asked the process, not this place, to slow down.
+            self.pacer.hold(self._backoff_s(answer, attempt))
+        return answer
+
+    @staticmethod
+    def _backoff_s(answer: Answer, attempt: int) -> float:
+        if answer.outcome not in ("rate_limited", "error"):
+            return 0.0
+        if answer.retry_after_s is not None:  # always honoured, after the last try too
+            return min(answer.retry_after_s, MAX_BACKOFF_S * 5)
+        if answer.outcome == "rate_limited":
+            return RATE_LIMITED_PAUSE_S
+        if attempt + 1 >= TRANSIENT_TRIES:  # the place is stored as error; the next one may go
+            return 0.0
+        return min(2.0**attempt, MAX_BACKOFF_S)  # 1 s, 2 s
 
     async def _store(self, job: Job, answer: Answer) -> str | None:
         now = self.clock()
@@ -630,10 +650,6 @@ class Geocoder:
 
     def _count(self, outcome: str) -> None:
         self.metrics.geocode_requests.labels(self.provider.name, outcome).inc()
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
 
 DB_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)

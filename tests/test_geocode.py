@@ -16,18 +16,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from aiolimiter import AsyncLimiter
 from prometheus_client import generate_latest
 
-from fleetticketsd import db
+from fleetticketsd import db, feedgen
 from fleetticketsd.config import Config, GeocoderConfig
 from fleetticketsd.drain import Engine, drain
 from fleetticketsd.geocode import Geocoder
 from fleetticketsd.metrics import Metrics
+from fleetticketsd.pacer import Pacer
 
 from . import fake_geocoder as fg
-from .conftest import SAMPLE, Bucket, apoll, inc_key, run_cli
-from .test_geocode_sql import raw, upsert, where
+from .conftest import SAMPLE, Bucket, apoll, inc_key, poll, run_cli
+from .test_geocode_sql import put_cluster, raw, upsert, where
 
 KEY1 = "automations/inc/changes/2026-06-22T15-50-39.csv"
 
@@ -102,20 +105,156 @@ async def test_requests_are_evenly_spaced_at_the_configured_rate_and_provoke_no_
     assert (arrivals[-1] - arrivals[0]) >= (len(arrivals) - 1) / rate * 0.95
 
 
-async def test_the_fake_does_punish_a_burst(
+async def test_the_fake_does_punish_a_burst(fake: fg.FakeGeocoder) -> None:
+    """Control: requests sent back to back (what AsyncLimiter(rate, 1) lets through) get 429."""
+    fake.per_second = 5
+    params = {"q": "Kilimani, Nairobi, Kenya", "key": fg.KEY, "format": "json"}
+    async with httpx.AsyncClient() as client:
+        answers = await asyncio.gather(*(client.get(f"{fake.url}/search", params=params) for _ in range(9)))
+    assert sum(r.status_code == 429 for r in answers) >= 3
+    assert any(r.json() == {"error": "Rate Limited Second"} for r in answers)
+
+
+# --- no 429, at start-up too: what the provider sees -------------------------------------------
+# The fake timestamps each request on arrival and enforces its own per-second limit as
+# LocationIQ does (429 "Rate Limited Second"), so these measure what the provider
+# measures, not what the worker believes it did.
+
+
+async def seed(conn: asyncpg.Connection, n: int, clusters: int = 4) -> None:
+    await tickets(conn, *[(f"OLD{i}", f"Cluster {i % clusters}", f"Street {i} FDT1") for i in range(n)])
+
+
+def gaps(server: fg.FakeGeocoder) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(server.arrivals())]
+
+
+class SlowFirstSend(httpx.AsyncBaseTransport):
+    """The first request leaves late, as a first connection does on a busy event loop."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.delay_s = delay_s
+        self.sent = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent == 1:
+            await asyncio.sleep(self.delay_s)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_spacing_acquisitions_bunches_arrivals_spacing_answers_does_not(fake: fg.FakeGeocoder) -> None:
+    rate = 8.0
+    interval = 1 / rate
+    params = {"q": "Kilimani, Nairobi, Kenya", "key": fg.KEY, "format": "json"}
+    # The old way: AsyncLimiter(1, 1/rate) spaces acquisitions; a send delayed by 0.6
+    # of an interval after its acquisition arrives 0.4 of an interval before the next.
+    limiter = AsyncLimiter(1, interval)
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.6 * interval)) as client:
+        for _ in range(3):
+            async with limiter:
+                await client.get(f"{fake.url}/search", params=params)
+    assert gaps(fake)[0] < 0.5 * interval, gaps(fake)
+    # The pacer counts from the answer: the same delay cannot bring two arrivals closer.
+    fake.requests.clear()
+    pacer = Pacer(interval)
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.6 * interval)) as client:
+        for _ in range(3):
+            async with pacer.turn():
+                await client.get(f"{fake.url}/search", params=params)
+    assert min(gaps(fake)) >= interval, gaps(fake)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+async def test_concurrent_passes_sharing_a_pacer_send_no_burst(
+    shared: bool, fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    rate = 8
+    fake.per_second = rate
+    fake.default_point = True
+    await seed(conn, 24, clusters=6)
+    for i in range(3):  # half the clusters answered: the location pass has work at once
+        await put_cluster(conn, f"Cluster {i}", fg.KILIMANI)
+    cfg = geo(fake, rate_per_second=float(rate))
+    pacer = Pacer(1 / rate)
+    kw: dict[str, Any] = {"pacer": pacer} if shared else {}
+    async with Geocoder(cfg, pool, Metrics(), **kw) as a, Geocoder(cfg, pool, Metrics(), **kw) as b:
+        await asyncio.gather(
+            a.run_pass(clusters=True, locations=False, limit=6),
+            b.run_pass(clusters=False, locations=True, limit=6),
+        )
+    if not shared:  # control: two pacers, two first requests at once
+        assert min(gaps(fake)) < 0.5 / rate
+        return
+    assert fake.statuses() == {200: 3 + 6}  # three clusters unanswered, six locations
+    assert min(gaps(fake)) >= 1 / rate, gaps(fake)
+
+
+async def test_retry_after_pushes_every_pass_sharing_the_pacer(
     fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    """Control: AsyncLimiter(rate, 1) allows bursts, and this provider answers them with 429."""
-    from aiolimiter import AsyncLimiter
-
-    fake.per_second = 5
     fake.default_point = True
-    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(9)])
-    async with worker(geo(fake, rate_per_second=5.0), pool) as w:
-        w.limiter = AsyncLimiter(5, 1)
-        report = await w.run_pass()
-    assert fake.statuses()[429] > 0
-    assert report.outcomes["rate_limited"] > 0
+    await seed(conn, 8, clusters=2)
+    await put_cluster(conn, "Cluster 1", fg.KILIMANI)
+    fake.fail_first["Cluster 0"] = 1  # 503 with Retry-After to the cluster pass
+    fake.retry_after_s = 0.6
+    cfg = geo(fake, rate_per_second=20.0)
+    pacer = Pacer(1 / 20.0)
+    async with (
+        Geocoder(cfg, pool, Metrics(), pacer=pacer) as a,
+        Geocoder(cfg, pool, Metrics(), pacer=pacer) as b,
+    ):
+        await asyncio.gather(
+            a.run_pass(clusters=True, locations=False),
+            b.run_pass(clusters=False, locations=True, limit=3),
+        )
+    arrivals = fake.arrivals()
+    refused = [i for i, r in enumerate(fake.requests) if r.status == 503]
+    assert len(refused) == 1 and refused[0] < len(arrivals) - 1
+    # Whichever pass sent next waited the Retry-After, not only the one that was told.
+    i = refused[0]
+    assert arrivals[i + 1] - arrivals[i] >= 0.6, (fake.queries(), gaps(fake))
+    assert fake.statuses()[429] == 0
+
+
+@pytest.mark.parametrize("rate", [2, 8])
+def test_daemon_start_up_sends_no_burst_at_the_providers_own_limit(
+    rate: int,
+    fake: fg.FakeGeocoder,
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
+    bucket: Bucket,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make run`'s start: places already waiting in the database (the geocoder's
+    first pass starts at once) while the start-up drains apply a baseline of each
+    dataset in the same event loop. The rate is the provider's own limit."""
+    fake.per_second = rate
+    fake.default_point = True
+
+    async def seed_db() -> None:
+        c = await asyncpg.connect(db_url)
+        try:
+            await seed(c, 40)
+        finally:
+            await c.close()
+
+    asyncio.run(seed_db())
+    for ds, rows in (("inc", 3000), ("crq", 1200)):
+        spec = feedgen.FeedSpec(dataset=ds, seed=7, baseline_rows=rows, deltas=2, delta_rows=20)
+        for name, data in feedgen.generate(spec):
+            bucket.put(f"automations/{ds}/changes/{name}", data)
+    monkeypatch.setenv("GEOCODER_API_KEY", fg.KEY)
+    d, _ = start_daemon(geocoder={"enabled": True, "base_url": fake.url, "rate_per_second": float(rate)})
+    want = 4 * rate  # four seconds of requests, the start-up drains among them
+    poll(lambda: len(fake.requests) >= want, timeout_s=60, what=f"{want} requests")
+    assert fake.statuses()[429] == 0, d.logged("geocode request failed; backing off")
+    assert not d.logged("geocode request failed; backing off")
+    assert min(gaps(fake)[: want - 1]) >= 1 / rate, gaps(fake)
 
 
 # --- the daily budget ---------------------------------------------------------------------

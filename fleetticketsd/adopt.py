@@ -843,7 +843,8 @@ class _Takeover:
                 # The project's guard re-judges the loader's unverified answers; a
                 # person's point is never second-guessed.
                 "status": "CASE WHEN l.fleet_geom IS NULL THEN 'no_match' "
-                "WHEN NOT v.verified AND v.km > $2::float8 THEN 'rejected_distance' ELSE 'ok' END",
+                "WHEN NOT v.verified AND v.km > $2::float8 THEN 'rejected_distance' "
+                "WHEN NOT v.verified AND v.km IS NULL THEN 'unguarded' ELSE 'ok' END",
                 "verified": "v.verified",
                 "provider": self._provider("geo_locations"),
                 "display_name": self._as("geo_locations", ("display_name",), TEXT, "NULL"),

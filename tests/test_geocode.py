@@ -148,21 +148,21 @@ class SlowFirstSend(httpx.AsyncBaseTransport):
 
 
 async def test_spacing_acquisitions_bunches_arrivals_spacing_answers_does_not(fake: fg.FakeGeocoder) -> None:
-    rate = 8.0
+    rate = 2.0
     interval = 1 / rate
     params = {"q": "Kilimani, Nairobi, Kenya", "key": fg.KEY, "format": "json"}
-    # The old way: AsyncLimiter(1, 1/rate) spaces acquisitions; a send delayed by 0.6
-    # of an interval after its acquisition arrives 0.4 of an interval before the next.
+    # The old way: AsyncLimiter(1, 1/rate) spaces acquisitions; a send delayed by 0.8
+    # of an interval after its acquisition arrives 0.2 of an interval before the next.
     limiter = AsyncLimiter(1, interval)
-    async with httpx.AsyncClient(transport=SlowFirstSend(0.6 * interval)) as client:
-        for _ in range(3):
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.8 * interval)) as client:
+        for _ in range(2):
             async with limiter:
                 await client.get(f"{fake.url}/search", params=params)
     assert gaps(fake)[0] < 0.5 * interval, gaps(fake)
     # The pacer counts from the answer: the same delay cannot bring two arrivals closer.
     fake.requests.clear()
     pacer = Pacer(interval)
-    async with httpx.AsyncClient(transport=SlowFirstSend(0.6 * interval)) as client:
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.8 * interval)) as client:
         for _ in range(3):
             async with pacer.turn():
                 await client.get(f"{fake.url}/search", params=params)
@@ -187,8 +187,8 @@ async def test_concurrent_passes_sharing_a_pacer_send_no_burst(
             a.run_pass(clusters=True, locations=False, limit=6),
             b.run_pass(clusters=False, locations=True, limit=6),
         )
-    if not shared:  # control: two pacers, two first requests at once
-        assert min(gaps(fake)) < 0.5 / rate
+    if not shared:  # control: two pacers, twice the rate between them
+        assert min(gaps(fake)) < 1 / rate
         return
     assert fake.statuses() == {200: 3 + 6}  # three clusters unanswered, six locations
     assert min(gaps(fake)) >= 1 / rate, gaps(fake)
@@ -346,6 +346,83 @@ async def test_wrong_city_answer_is_rejected_and_the_ticket_gets_the_cluster_cen
         == 1
     )
     assert metric(metrics, "fleettickets_geocode_requests_total", provider="locationiq", outcome="ok") == 2
+
+
+async def test_unguarded_answers_are_counted_shown_and_judged_once_the_centroid_is_known(
+    fake: fg.FakeGeocoder,
+    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
+    cli_env: Callable[..., dict[str, str]],
+) -> None:
+    import json
+
+    fake.places.update({"Karen": None, "Jogoo Rd": fg.JOGOO_KILIMANI, "Mombasa Rd": fg.MOMBASA})
+    await tickets(conn, ("INC1", "Karen", "KAREN_Jogoo Rd FDT1"), ("INC2", "Karen", "KAREN_Mombasa Rd FDT2"))
+    clock = Clock(datetime(2026, 6, 22, 12, 0, tzinfo=UTC))
+    metrics = Metrics()
+    cfg = geo(fake, no_match_retry_days=7.0)
+    async with worker(cfg, pool, clock, metrics=metrics) as w:
+        report = await w.run_pass()
+    # The provider knows no "Karen": nothing to check the two answers against.
+    assert report.outcomes == {"no_match": 1, "ok": 2}
+    assert metric(metrics, "fleettickets_geocode_unguarded_locations") == 2
+    assert await where(conn, "INC2") == ("location", -4.0435, 39.6682)  # used, not trusted silently
+
+    env = cli_env(geocoder={"enabled": True, "base_url": fake.url})
+    human = run_cli("status", env=env)
+    assert human.returncode == 0, human.stderr
+    line = next(x for x in human.stdout.splitlines() if x.startswith("geocode unguarded"))
+    assert "2 location(s) placed without a cluster centroid" in line and "Karen" in line, line
+    as_json = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert as_json["geocoder"]["unguarded_locations"] == 2
+    assert as_json["geocoder"]["unguarded_clusters"] == ["Karen"]
+
+    # A week later the provider knows Karen: the centroid arrives and both answers are judged.
+    fake.places["Karen"] = fg.KILIMANI
+    clock.now += timedelta(days=8)
+    async with worker(cfg, pool, clock, metrics=metrics) as w:
+        report = await w.run_pass()
+    assert report.requests == 1 and fake.queries()[-1] == "Karen, Nairobi, Kenya"  # no location re-asked
+    assert metric(metrics, "fleettickets_geocode_unguarded_locations") == 0
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == ("cluster", -1.2921, 36.7856)  # the wrong city, caught at last
+    rows = dict(await conn.fetch("SELECT location, status FROM tickets.geo_locations"))
+    assert rows == {"Jogoo Rd": "ok", "Mombasa Rd": "rejected_distance"}
+    as_json = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert as_json["geocoder"]["unguarded_locations"] == 0
+
+
+def test_gazetteer_set_of_a_centroid_rejudges_its_answers(
+    fake: fg.FakeGeocoder, cli_env: Callable[..., dict[str, str]], db_url: str, config: Config
+) -> None:
+    """The operator's command: a wrong centroid corrected, its cluster's answers judged again."""
+
+    async def seed_and_geocode() -> None:
+        c = await asyncpg.connect(db_url)
+        p = await db.create_pool(config.database)
+        try:
+            await tickets(c, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+            fake.places.update({"Kilimani": fg.MOMBASA, "Jogoo Rd": fg.JOGOO_KILIMANI})
+            async with worker(geo(fake), p) as w:
+                await w.run_pass()
+        finally:
+            await p.close()
+            await c.close()
+
+    asyncio.run(seed_and_geocode())
+    env = cli_env(geocoder={"enabled": True, "base_url": fake.url})
+    res = run_cli("gazetteer", "set", "Kilimani", str(fg.KILIMANI[0]), str(fg.KILIMANI[1]), env=env)
+    assert res.returncode == 0, res.stderr
+    assert "judged against the new centroid (25 km): 1 accepted, 0 rejected, 0 unguarded" in res.stdout
+
+    async def check() -> tuple[Any, ...]:
+        c = await asyncpg.connect(db_url)
+        try:
+            return await where(c, "INC1")
+        finally:
+            await c.close()
+
+    assert asyncio.run(check()) == ("location", -1.295, 36.79)
 
 
 async def test_a_cached_place_sends_no_request(
@@ -629,6 +706,7 @@ def test_daemon_geocodes_what_its_drains_bring_and_reloads_limits(
 
     poll(lambda: asyncio.run(sources()) == {"T1": "location", "T2": "cluster"}, what="tickets placed")
     assert d.metric("fleettickets_geocode_queue_depth") == 0
+    assert d.metric("fleettickets_geocode_unguarded_locations") == 0  # Kilimani has its centroid
     assert d.metric("fleettickets_geocode_budget_remaining") == 4998
     status, _ = d.get("/readyz")
     assert status == 200

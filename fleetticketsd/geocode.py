@@ -41,7 +41,7 @@ import structlog
 
 from .config import GeocoderConfig
 from .metrics import GEOCODE_OUTCOMES, Metrics
-from .pacer import Pacer
+from .pacer import DatabaseTurns, Pacer
 from .providers import Answer, Provider, make_provider
 
 log = structlog.get_logger("fleetticketsd.geocode")
@@ -325,8 +325,11 @@ class Geocoder:
         self.stopped: str | None = None  # "auth" while the key is refused
         self.config = config
         self.provider: Provider = make_provider(config)
-        # Passed in, one pacer spaces the requests of several workers of this process.
-        self.pacer = pacer or Pacer(1.0 / config.rate_per_second)
+        # One pacer for the worker's life, its turns shared with every other process on
+        # this database through it (pacer.py). Passed in: shared within the process too.
+        self.pacer = pacer or Pacer(
+            1.0 / config.rate_per_second, shared=DatabaseTurns(lambda: self.pool, lambda: self.provider.name)
+        )
         for outcome in GEOCODE_OUTCOMES:
             metrics.geocode_requests.labels(config.provider, outcome)
         for reason in STOP_REASONS:

@@ -21,9 +21,11 @@ limit. A provider's "slow down" (429, ``Retry-After``) pushes the next turn of e
 caller sharing the pacer, not only the caller that was told.
 
 The worker owns one pacer for its whole life (a SIGHUP changes its interval but keeps
-its clock), and every geocoding pass of the process goes through it; several workers
-in one process share one by passing it in. Another process (a second replica, a
-`fleetticketsd geocode` run beside the daemon) is not covered: see docs/geocoding.md.
+its clock), and every geocoding pass of the process goes through it. Other processes
+(a second replica, a `fleetticketsd geocode` run beside the daemon, whichever starts
+first) take the same turn through :class:`DatabaseTurns`: a PostgreSQL advisory lock
+per provider held while the request is in flight, and the provider's next send time
+in ``tickets.geo_pacer`` on the database's clock, which every process shares.
 """
 
 from __future__ import annotations
@@ -32,15 +34,99 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+# Advisory lock keys (namespace, hashtext(provider)): a namespace of its own, apart from
+# the datasets' and the migrations' (db.LOCK_NAMESPACE), so a dataset named like a
+# provider cannot collide and the status page's lock holders stay the datasets'.
+GEOCODER_LOCK_NAMESPACE = 0x46_4C_47  # "FLG"
+TRY_PROVIDER_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
+PROVIDER_UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2))"
+# Seconds until the provider's next request may leave, on the database's clock.
+PROVIDER_WAIT_S = """
+SELECT greatest(0, extract(epoch FROM next_send_at - clock_timestamp()))::float8
+FROM tickets.geo_pacer WHERE provider = $1
+"""
+# After a turn: not before $2 seconds from now (never earlier than already set).
+PROVIDER_PUSH = """
+INSERT INTO tickets.geo_pacer AS p (provider, next_send_at)
+VALUES ($1, clock_timestamp() + make_interval(secs => $2::float8))
+ON CONFLICT (provider) DO UPDATE SET next_send_at = greatest(p.next_send_at, EXCLUDED.next_send_at)
+"""
+# How often a process waiting for another's turn looks again. Polled rather than a
+# blocking pg_advisory_lock, which statement_timeout would cut short while another
+# process waits out a long Retry-After.
+LOCK_POLL_S = 0.05
+
+
+async def _wait(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+@dataclass
+class _Held:
+    pool: asyncpg.Pool
+    conn: asyncpg.Connection  # holds the provider's advisory lock
+    key: str
+
+
+class DatabaseTurns:
+    """The pacer's turn across processes sharing one database (and so one provider key)."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool], key: Callable[[], str]) -> None:
+        self._pool = pool
+        self._key = key
+
+    async def acquire(self, stop: asyncio.Event | None) -> _Held | None:
+        """Wait for the provider's turn; None if ``stop`` was set first."""
+        pool, key = self._pool(), self._key()
+        conn = await pool.acquire()
+        try:
+            while not await conn.fetchval(TRY_PROVIDER_LOCK, GEOCODER_LOCK_NAMESPACE, key):
+                await _wait(LOCK_POLL_S, stop)
+                if stop is not None and stop.is_set():
+                    await pool.release(conn)
+                    return None
+            # A loop for the same reason as Pacer.turn's; only we can push it now, though.
+            while wait := await conn.fetchval(PROVIDER_WAIT_S, key) or 0.0:
+                await _wait(wait, stop)
+                if stop is not None and stop.is_set():
+                    break
+        except BaseException:
+            await pool.release(conn)  # the pool's reset unlocks: nothing is left held
+            raise
+        return _Held(pool, conn, key)
+
+    async def release(self, held: _Held, after_s: float) -> None:
+        """End the turn: no process sends before ``after_s`` from now."""
+        try:
+            await held.conn.execute(PROVIDER_PUSH, held.key, after_s)
+            await held.conn.fetchval(PROVIDER_UNLOCK, GEOCODER_LOCK_NAMESPACE, held.key)
+        finally:
+            await held.pool.release(held.conn)
 
 
 class Pacer:
     """One request at a time, each turn starting ``interval_s`` after the previous one ended."""
 
-    def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        shared: DatabaseTurns | None = None,
+    ) -> None:
         if not interval_s > 0:
             raise ValueError("interval_s must be positive")
         self.interval_s = interval_s
+        self.shared = shared  # None: this process only (tests, tools)
         self._clock = clock
         self._lock = asyncio.Lock()
         self._next_at = float("-inf")  # no turn yet: the first one may start at once
@@ -65,14 +151,16 @@ class Pacer:
         async with self._lock:
             # A loop, not one sleep: a hold() may push the time while we wait.
             while (wait := self._next_at - self._clock()) > 0:
-                if stop is None:
-                    await asyncio.sleep(wait)
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=wait)
-                if stop.is_set():
+                await _wait(wait, stop)
+                if stop is not None and stop.is_set():
                     break
+            shared, held = self.shared, None
+            if shared is not None and not (stop is not None and stop.is_set()):
+                held = await shared.acquire(stop)  # other processes' turns
             try:
-                yield stop is None or not stop.is_set()
+                yield (stop is None or not stop.is_set()) and (shared is None or held is not None)
             finally:
-                self._next_at = max(self._next_at, self._clock() + self.interval_s)
+                now = self._clock()
+                self._next_at = max(self._next_at, now + self.interval_s)
+                if shared is not None and held is not None:  # the same pause for every process
+                    await shared.release(held, self._next_at - now)

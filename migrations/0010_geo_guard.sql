@@ -153,3 +153,13 @@ UPDATE tickets.geo_locations AS l
 SET status = 'unguarded', distance_km = NULL, updated_at = now()
 WHERE NOT l.verified AND l.status = 'ok'
   AND NOT EXISTS (SELECT 1 FROM tickets.geo_clusters AS c WHERE c.cluster = l.cluster AND c.status = 'ok');
+
+-- No 429 whatever starts first: the provider's next send time, shared by every process
+-- on this database (the daemon, a second replica, a `fleetticketsd geocode` run beside
+-- it). A process takes the provider's turn with an advisory lock, waits until
+-- next_send_at (the database's clock, the same for all), sends, and when the answer is
+-- in sets next_send_at to 1/rate_per_second (or a provider's Retry-After) from then.
+CREATE TABLE IF NOT EXISTS tickets.geo_pacer (
+    provider     text PRIMARY KEY,
+    next_send_at timestamptz NOT NULL
+);

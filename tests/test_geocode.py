@@ -125,6 +125,19 @@ async def seed(conn: asyncpg.Connection, n: int, clusters: int = 4) -> None:
     await tickets(conn, *[(f"OLD{i}", f"Cluster {i % clusters}", f"Street {i} FDT1") for i in range(n)])
 
 
+def seed_places(db_url: str, n: int) -> None:
+    """Tickets needing ``n`` locations in 4 clusters, before a process starts."""
+
+    async def go() -> None:
+        c = await asyncpg.connect(db_url)
+        try:
+            await seed(c, n)
+        finally:
+            await c.close()
+
+    asyncio.run(go())
+
+
 def gaps(server: fg.FakeGeocoder) -> list[float]:
     return [b - a for a, b in itertools.pairwise(server.arrivals())]
 
@@ -169,10 +182,12 @@ async def test_spacing_acquisitions_bunches_arrivals_spacing_answers_does_not(fa
     assert min(gaps(fake)) >= interval, gaps(fake)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-async def test_concurrent_passes_sharing_a_pacer_send_no_burst(
-    shared: bool, fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+@pytest.mark.parametrize("pacers", ["one", "own, shared through the database", "own, local (control)"])
+async def test_concurrent_passes_send_no_burst(
+    pacers: str, fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
+    """A cluster pass and a location pass at once, as two workers of one process, or
+    of two processes (each worker's own pacer takes its turns through the database)."""
     rate = 8
     fake.per_second = rate
     fake.default_point = True
@@ -180,14 +195,18 @@ async def test_concurrent_passes_sharing_a_pacer_send_no_burst(
     for i in range(3):  # half the clusters answered: the location pass has work at once
         await put_cluster(conn, f"Cluster {i}", fg.KILIMANI)
     cfg = geo(fake, rate_per_second=float(rate))
-    pacer = Pacer(1 / rate)
-    kw: dict[str, Any] = {"pacer": pacer} if shared else {}
-    async with Geocoder(cfg, pool, Metrics(), **kw) as a, Geocoder(cfg, pool, Metrics(), **kw) as b:
+    one = Pacer(1 / rate)
+    kw: list[dict[str, Any]] = [{}, {}]  # the default: a pacer of its own, shared through PostgreSQL
+    if pacers == "one":
+        kw = [{"pacer": one}, {"pacer": one}]
+    elif pacers.endswith("(control)"):
+        kw = [{"pacer": Pacer(1 / rate)}, {"pacer": Pacer(1 / rate)}]
+    async with Geocoder(cfg, pool, Metrics(), **kw[0]) as a, Geocoder(cfg, pool, Metrics(), **kw[1]) as b:
         await asyncio.gather(
             a.run_pass(clusters=True, locations=False, limit=6),
             b.run_pass(clusters=False, locations=True, limit=6),
         )
-    if not shared:  # control: two pacers, twice the rate between them
+    if pacers.endswith("(control)"):  # two pacers that know nothing of each other: twice the rate
         assert min(gaps(fake)) < 1 / rate
         return
     assert fake.statuses() == {200: 3 + 6}  # three clusters unanswered, six locations
@@ -235,15 +254,7 @@ def test_daemon_start_up_sends_no_burst_at_the_providers_own_limit(
     dataset in the same event loop. The rate is the provider's own limit."""
     fake.per_second = rate
     fake.default_point = True
-
-    async def seed_db() -> None:
-        c = await asyncpg.connect(db_url)
-        try:
-            await seed(c, 40)
-        finally:
-            await c.close()
-
-    asyncio.run(seed_db())
+    seed_places(db_url, 40)
     for ds, rows in (("inc", 3000), ("crq", 1200)):
         spec = feedgen.FeedSpec(dataset=ds, seed=7, baseline_rows=rows, deltas=2, delta_rows=20)
         for name, data in feedgen.generate(spec):
@@ -255,6 +266,51 @@ def test_daemon_start_up_sends_no_burst_at_the_providers_own_limit(
     assert fake.statuses()[429] == 0, d.logged("geocode request failed; backing off")
     assert not d.logged("geocode request failed; backing off")
     assert min(gaps(fake)[: want - 1]) >= 1 / rate, gaps(fake)
+
+
+@pytest.mark.parametrize("first", ["daemon", "command"])
+def test_a_geocode_command_beside_the_daemon_sends_no_burst_whichever_starts_first(
+    first: str,
+    fake: fg.FakeGeocoder,
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
+    cli_env: Callable[..., dict[str, str]],
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two processes, one provider: the daemon at start-up and an operator's
+    `fleetticketsd geocode`, each at the provider's own limit."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    rate = 8
+    fake.per_second = rate
+    fake.default_point = True
+    seed_places(db_url, 40)
+    monkeypatch.setenv("GEOCODER_API_KEY", fg.KEY)
+    geocoder = {"enabled": True, "base_url": fake.url, "rate_per_second": float(rate)}
+    env = cli_env(geocoder=geocoder)
+
+    def command() -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "fleetticketsd", "geocode", "--json"]
+        return subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    cli = command() if first == "command" else None
+    d, _ = start_daemon(geocoder=geocoder)
+    cli = cli or command()
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    poll(
+        lambda: d.metric("fleettickets_geocode_queue_depth") == 0 and len(fake.requests) >= 44,
+        what="all asked",
+    )
+    assert json.loads(out)["requests"] >= 1  # the command did send, between the daemon's requests
+    assert fake.statuses()[429] == 0, fake.statuses()
+    assert min(gaps(fake)) >= 1 / rate, gaps(fake)
 
 
 # --- the daily budget ---------------------------------------------------------------------

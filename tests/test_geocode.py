@@ -213,6 +213,21 @@ async def test_concurrent_passes_send_no_burst(
     assert min(gaps(fake)) >= 1 / rate, gaps(fake)
 
 
+async def test_a_reload_changes_the_rate_but_keeps_the_pacers_clock(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """A fresh limiter on SIGHUP would let the next request go at once, right behind the last."""
+    await tickets(conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+    async with worker(geo(fake, rate_per_second=2.0), pool) as w:
+        pacer = w.pacer
+        await w.run_pass(clusters=True, locations=False)
+        w.reconfigure(dataclasses.replace(w.config, rate_per_second=1.0))
+        assert w.pacer is pacer and pacer.interval_s == 1.0
+        assert 0 < pacer.wait_s() <= 0.5  # still the pause the old rate owed
+        await w.run_pass()
+    assert gaps(fake)[0] >= 0.5
+
+
 async def test_retry_after_pushes_every_pass_sharing_the_pacer(
     fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:

@@ -867,6 +867,7 @@ class _Takeover:
             "SELECT count(*) FILTER (WHERE verified) AS verified, "
             "count(*) FILTER (WHERE NOT verified AND status = 'ok') AS cached, "
             "count(*) FILTER (WHERE status = 'rejected_distance') AS rejected, "
+            "count(*) FILTER (WHERE status = 'unguarded') AS unguarded, "
             "count(*) FILTER (WHERE status = 'no_match') AS without FROM tickets.geo_locations"
         )
         assert counts is not None
@@ -876,6 +877,11 @@ class _Takeover:
             f"{counts['cached']} cached answers, {counts['rejected']} farther than "
             f"{self.geocoder.max_distance_km:g} km from their "
             f"centroid (kept for review, not used), {counts['without']} without a point"
+            + (
+                f", {counts['unguarded']} unguarded (no centroid to check them against; used)"
+                if counts["unguarded"]
+                else ""
+            )
         )
         if inserted < legacy:
             obj.add(

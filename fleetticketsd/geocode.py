@@ -13,8 +13,12 @@ Why it looks like this:
   flight at a time, the next one ``1 / rate`` after the previous *answer*, so the
   provider never sees two closer than that, even when a connection set-up or a busy
   event loop delays a send (which is what made a limiter that spaces acquisitions
-  collide with LocationIQ's per-second limit at start-up; see pacer.py). A 429 or a
-  Retry-After pushes the pacer's next turn, for every pass that shares it.
+  collide with LocationIQ's per-second limit at start-up; see pacer.py). Its turns
+  are shared with every other process on the database (a replica, a `geocode` run),
+  and a 429 or a Retry-After pushes the next turn of all of them.
+- The wrong-city guard is judged again whenever a centroid arrives or is corrected
+  (tickets.judge_locations, migration 0010); an answer without a centroid to check it
+  is stored 'unguarded', counted and shown, not taken silently.
 - The daily budget is counted in PostgreSQL per provider and UTC day with an atomic
   conditional upsert, so a restart or a second replica cannot overspend it.
 - The database decides where tickets are: storing a gazetteer row fires the

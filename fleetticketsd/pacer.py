@@ -84,7 +84,7 @@ class DatabaseTurns:
         self._pool = pool
         self._key = key
 
-    async def acquire(self, stop: asyncio.Event | None) -> _Held | None:
+    async def acquire(self, stop: asyncio.Event | None, interval_s: float) -> _Held | None:
         """Wait for the provider's turn; None if ``stop`` was set first."""
         pool, key = self._pool(), self._key()
         conn = await pool.acquire()
@@ -99,6 +99,9 @@ class DatabaseTurns:
                 await _wait(wait, stop)
                 if stop is not None and stop.is_set():
                     break
+            # Pushed once before the send as well: a process that dies with its request
+            # in flight (no release) still leaves the interval behind it.
+            await conn.execute(PROVIDER_PUSH, key, interval_s)
         except BaseException:
             await pool.release(conn)  # the pool's reset unlocks: nothing is left held
             raise
@@ -156,7 +159,7 @@ class Pacer:
                     break
             shared, held = self.shared, None
             if shared is not None and not (stop is not None and stop.is_set()):
-                held = await shared.acquire(stop)  # other processes' turns
+                held = await shared.acquire(stop, self.interval_s)  # other processes' turns
             try:
                 yield (stop is None or not stop.is_set()) and (shared is None or held is not None)
             finally:

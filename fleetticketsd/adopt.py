@@ -843,7 +843,8 @@ class _Takeover:
                 # The project's guard re-judges the loader's unverified answers; a
                 # person's point is never second-guessed.
                 "status": "CASE WHEN l.fleet_geom IS NULL THEN 'no_match' "
-                "WHEN NOT v.verified AND v.km > $2::float8 THEN 'rejected_distance' ELSE 'ok' END",
+                "WHEN NOT v.verified AND v.km > $2::float8 THEN 'rejected_distance' "
+                "WHEN NOT v.verified AND v.km IS NULL THEN 'unguarded' ELSE 'ok' END",
                 "verified": "v.verified",
                 "provider": self._provider("geo_locations"),
                 "display_name": self._as("geo_locations", ("display_name",), TEXT, "NULL"),
@@ -866,6 +867,7 @@ class _Takeover:
             "SELECT count(*) FILTER (WHERE verified) AS verified, "
             "count(*) FILTER (WHERE NOT verified AND status = 'ok') AS cached, "
             "count(*) FILTER (WHERE status = 'rejected_distance') AS rejected, "
+            "count(*) FILTER (WHERE status = 'unguarded') AS unguarded, "
             "count(*) FILTER (WHERE status = 'no_match') AS without FROM tickets.geo_locations"
         )
         assert counts is not None
@@ -875,6 +877,11 @@ class _Takeover:
             f"{counts['cached']} cached answers, {counts['rejected']} farther than "
             f"{self.geocoder.max_distance_km:g} km from their "
             f"centroid (kept for review, not used), {counts['without']} without a point"
+            + (
+                f", {counts['unguarded']} unguarded (no centroid to check them against; used)"
+                if counts["unguarded"]
+                else ""
+            )
         )
         if inserted < legacy:
             obj.add(

@@ -288,7 +288,8 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
     detailed = not args.json
     async with engine_for(config, need_source=False) as engine:
         report = await status.datasets(engine, config, detailed=detailed)
-        extra = dict((await status.geocoder(engine, config)).rows()) if detailed else {}
+        geo = await status.geocoder(engine, config)
+        extra = dict(geo.rows()) if detailed else {}
         writers = await status.other_writers(engine)
     for name, error in report.source_errors.items():
         # CONTRACT: status exits 0. Without the bucket it still says what the database
@@ -303,7 +304,7 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(f"fleetticketsd: WARNING: {foreign_write_warning(writers)}", file=sys.stderr)
         extra["other writers"] = "; ".join(w.describe() for w in writers[:3])
     if args.json:
-        print(json.dumps({"datasets": report.datasets}))
+        print(json.dumps({"datasets": report.datasets, "geocoder": geo.as_json()}))
         return EXIT_OK
     print(render_status(report.datasets, extra))
     return EXIT_OK
@@ -412,13 +413,18 @@ async def cmd_gazetteer(config: Config, args: argparse.Namespace) -> int:
     try:
         async with pool.acquire() as conn:
             await db.require_layout(conn)
-            clean, count = await set_gazetteer(conn, cluster, location, lat, lon)
+            done = await set_gazetteer(conn, cluster, location, lat, lon, config.geocoder)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_CONFIG) from exc
     finally:
         await pool.close()
-    what = f"{cluster} / {clean}" if clean else cluster
-    print(f"{what}: set to {lat}, {lon} (verified); {count} ticket(s) now use it")
+    what = f"{cluster} / {done.location}" if done.location else cluster
+    print(f"{what}: set to {lat}, {lon} (verified); {done.tickets} ticket(s) now use it")
+    if location is None:
+        print(
+            f"{cluster}: its geocoded locations judged against the new centroid "
+            f"({config.geocoder.max_distance_km:g} km): {done.judged.describe()}"
+        )
     return EXIT_OK
 
 

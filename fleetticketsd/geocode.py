@@ -1,4 +1,4 @@
-"""The geocoding worker: one queue, one rate limit, one daily budget, one gazetteer.
+"""The geocoding worker: one queue, one pacer, one daily budget, one gazetteer.
 
 Why it looks like this:
 
@@ -9,9 +9,16 @@ Why it looks like this:
 - Cluster centroids go first (priority 0): they are every ticket's fallback and the
   reference of the wrong-city guard for the cluster's locations (priority 1), which
   are only queued once their cluster has an answer.
-- One worker sends one request at a time through ``AsyncLimiter(1, 1 / rate)``: a
-  leaky bucket of capacity one spaces requests evenly. ``AsyncLimiter(rate, 1)``
-  would allow ``rate`` back-to-back requests, which LocationIQ answers with 429.
+- Requests go through one :class:`~.pacer.Pacer` for the worker's whole life: one in
+  flight at a time, the next one ``1 / rate`` after the previous *answer*, so the
+  provider never sees two closer than that, even when a connection set-up or a busy
+  event loop delays a send (which is what made a limiter that spaces acquisitions
+  collide with LocationIQ's per-second limit at start-up; see pacer.py). Its turns
+  are shared with every other process on the database (a replica, a `geocode` run),
+  and a 429 or a Retry-After pushes the next turn of all of them.
+- The wrong-city guard is judged again whenever a centroid arrives or is corrected
+  (tickets.judge_locations, migration 0010); an answer without a centroid to check it
+  is stored 'unguarded', counted and shown, not taken silently.
 - The daily budget is counted in PostgreSQL per provider and UTC day with an atomic
   conditional upsert, so a restart or a second replica cannot overspend it.
 - The database decides where tickets are: storing a gazetteer row fires the
@@ -30,15 +37,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import asyncpg
 import httpx
 import structlog
-from aiolimiter import AsyncLimiter
 
 from .config import GeocoderConfig
 from .metrics import GEOCODE_OUTCOMES, Metrics
+from .pacer import DatabaseTurns, Pacer
 from .providers import Answer, Provider, make_provider
 
 log = structlog.get_logger("fleetticketsd.geocode")
@@ -48,14 +55,20 @@ CLUSTER, LOCATION = 0, 1  # queue priorities: lower first
 # Tries of one place within a pass for transient failures (429 per second, 5xx, timeout).
 TRANSIENT_TRIES = 3
 MAX_BACKOFF_S = 60.0
+# A 429 without Retry-After pauses every request this long (LocationIQ counts per second).
+RATE_LIMITED_PAUSE_S = 1.0
 # While paused until a time (midnight UTC), re-read the injected clock this often.
 CLOCK_CHECK_S = 30.0
 STOP_REASONS = ("auth", "budget", "day_limit")
 
 # A gazetteer row is "pending" (to be asked) when it does not exist, or is not a
-# person's, not a usable answer, and its retry time has come. The refill and the
+# person's, not a usable answer (unguarded is one: it waits for its centroid, not for
+# the provider), and its retry time has come. The refill and the
 # check before each request use this same expression so they can never disagree.
-_PENDING = "({a}.status IS NULL OR (NOT {a}.verified AND {a}.status <> 'ok' AND {a}.retry_at <= $1))"
+_PENDING = (
+    "({a}.status IS NULL"
+    " OR (NOT {a}.verified AND {a}.status NOT IN ('ok', 'unguarded') AND {a}.retry_at <= $1))"
+)
 
 PENDING_CLUSTERS = f"""
 SELECT w.cluster, mode() WITHIN GROUP (ORDER BY w.region) AS region, a.place AS alias
@@ -126,7 +139,9 @@ RETURNING status
 # The wrong-city guard: an answer farther than $11 km from its cluster's centroid is
 # stored rejected_distance (kept for review, not used) and its tickets fall back to
 # the centroid. Without a centroid (the cluster is unknown to the provider) there is
-# no reference and the answer is taken; distance_km stays NULL to show it.
+# no reference: the answer is stored 'unguarded' (its tickets use it, the gauge and
+# `status` count it) and judged once the cluster has a centroid (JUDGE_LOCATIONS).
+# The same judgement as tickets.judge_locations (migration 0010), for one new answer.
 # Parameters as STORE_CLUSTER plus $11 max_distance_km, $12 location.
 STORE_LOCATION = f"""
 WITH p AS (SELECT {_POINT} AS g),
@@ -134,22 +149,24 @@ ref AS (SELECT geom FROM tickets.geo_clusters WHERE cluster = $1 AND status = 'o
 v AS (
     SELECT p.g,
            ST_Distance(p.g::geography, ref.geom::geography) / 1000.0 AS km,
-           CASE WHEN $3 = 'ok' AND ref.geom IS NOT NULL
-                     AND NOT ST_DWithin(p.g::geography, ref.geom::geography, $11::float8 * 1000.0)
-                THEN 'rejected_distance' ELSE $3 END AS status
+           CASE WHEN $3 <> 'ok' THEN $3
+                WHEN ref.geom IS NULL THEN 'unguarded'
+                WHEN NOT ST_DWithin(p.g::geography, ref.geom::geography, $11::float8 * 1000.0)
+                THEN 'rejected_distance' ELSE 'ok' END AS status
     FROM p LEFT JOIN ref ON true
 )
 INSERT INTO tickets.geo_locations AS l
     (cluster, location, query, geom, distance_km, status, provider, display_name, attempts,
      last_error, geocoded_at, retry_at)
 SELECT $1, $12, $2, v.g, v.km, v.status, $6, $7, 1, $8, $9,
-       CASE WHEN v.status = 'ok' THEN NULL ELSE $10::timestamptz END
+       CASE WHEN v.status IN ('ok', 'unguarded') THEN NULL ELSE $10::timestamptz END
 FROM v
 ON CONFLICT (cluster, location) DO UPDATE SET
     query = EXCLUDED.query,
     geom = CASE WHEN EXCLUDED.status = 'error' THEN l.geom ELSE EXCLUDED.geom END,
     distance_km = CASE WHEN EXCLUDED.status = 'error' THEN l.distance_km ELSE EXCLUDED.distance_km END,
-    status = CASE WHEN EXCLUDED.status = 'error' AND l.status = 'ok' THEN l.status ELSE EXCLUDED.status END,
+    status = CASE WHEN EXCLUDED.status = 'error' AND l.status IN ('ok', 'unguarded') THEN l.status
+                  ELSE EXCLUDED.status END,
     provider = EXCLUDED.provider,
     display_name = coalesce(EXCLUDED.display_name, l.display_name),
     attempts = l.attempts + 1,
@@ -159,6 +176,17 @@ ON CONFLICT (cluster, location) DO UPDATE SET
     updated_at = now()
 WHERE NOT l.verified
 RETURNING status
+"""
+
+# Judge stored answers again against their cluster's centroid (migration 0010): after
+# a centroid arrives or is corrected, and on every refill (which also catches a
+# correction made in plain SQL, and a changed max_distance_km). $1 max_distance_km,
+# $2 cluster (NULL: all), $3 when a newly rejected answer may be asked again.
+JUDGE_LOCATIONS = "SELECT cluster, location, was, status FROM tickets.judge_locations($1, $2, $3)"
+# Answers placed without a centroid to check them: the gauge, and which clusters.
+UNGUARDED = """
+SELECT count(*) AS n, coalesce(array_agg(DISTINCT cluster ORDER BY cluster), '{}') AS clusters
+FROM tickets.geo_locations WHERE status = 'unguarded'
 """
 
 # Take one request from the day's budget, or NULL when it is spent. Atomic, so
@@ -284,6 +312,7 @@ class Geocoder:
         clock: Callable[[], datetime] = utc_now,
         clock_check_s: float = CLOCK_CHECK_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._pool = pool
         self.metrics = metrics
@@ -300,17 +329,16 @@ class Geocoder:
         self.stopped: str | None = None  # "auth" while the key is refused
         self.config = config
         self.provider: Provider = make_provider(config)
-        self.limiter = self._make_limiter(config.rate_per_second)
+        # One pacer for the worker's life, its turns shared with every other process on
+        # this database through it (pacer.py). Passed in: shared within the process too.
+        self.pacer = pacer or Pacer(
+            1.0 / config.rate_per_second, shared=DatabaseTurns(lambda: self.pool, lambda: self.provider.name)
+        )
         for outcome in GEOCODE_OUTCOMES:
             metrics.geocode_requests.labels(config.provider, outcome)
         for reason in STOP_REASONS:
             metrics.geocode_stopped.labels(reason).set(0)
         metrics.geocode_queue_depth.set(0)
-
-    @staticmethod
-    def _make_limiter(rate_per_second: float) -> AsyncLimiter:
-        # Capacity one, refilled every 1/rate s: evenly spaced, never a burst.
-        return AsyncLimiter(1, 1.0 / rate_per_second)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -339,7 +367,9 @@ class Geocoder:
         """SIGHUP: new limits apply to the next request; a refused key may be retried."""
         old, self.config = self.config, config
         if config.rate_per_second != old.rate_per_second:
-            self.limiter = self._make_limiter(config.rate_per_second)
+            # The same pacer, a new interval: a fresh one would let the next request
+            # go at once, right behind the last one.
+            self.pacer.set_rate(config.rate_per_second)
         if (config.provider, config.base_url, config.country_codes) != (
             old.provider,
             old.base_url,
@@ -440,6 +470,9 @@ class Geocoder:
         now = self.clock()
         added = 0
         async with self.pool.acquire() as conn:
+            # Stored answers first, against today's centroids and guard: no request.
+            await judge_locations(conn, self.config, None, now)
+            await self._export_unguarded(conn)
             if clusters:
                 for r in await conn.fetch(PENDING_CLUSTERS, now):
                     q = build_query(r["cluster"], r["region"], self.config.country_name, alias=r["alias"])
@@ -501,7 +534,9 @@ class Geocoder:
                 return "limit"
             if not await self._take_budget():
                 return "budget"
-            answer = await self._request(job.query)
+            answer = await self._request(job.query, attempt)
+            if answer is None:
+                return "stopping"
             report.requests += 1
             report.outcomes[answer.outcome] += 1
             if answer.outcome in ("ok", "no_match"):
@@ -520,8 +555,7 @@ class Geocoder:
                     detail=answer.detail,
                 )
                 return "auth"
-            # rate_limited / error: transient. The pause holds the whole worker, which
-            # is the point: the provider asked the process, not this place, to slow down.
+            # rate_limited / error: transient; _request has pushed the pacer's next turn.
             self._count("rate_limited" if answer.outcome == "rate_limited" else "error")
             log.warning(
                 "geocode request failed; backing off",
@@ -530,31 +564,54 @@ class Geocoder:
                 query=job.query,
                 attempt=attempt + 1,
             )
-            if attempt + 1 < TRANSIENT_TRIES:
-                wait = answer.retry_after_s
-                if wait is None:
-                    wait = min(2.0**attempt, MAX_BACKOFF_S)
-                await self._sleep(min(wait, MAX_BACKOFF_S * 5))
         assert answer is not None
         status = await self._store(job, answer)
         if answer.outcome in ("ok", "no_match"):
-            self._count(status or answer.outcome)
+            # An unguarded answer is an ok answer of the provider's (the contract's outcomes).
+            self._count("ok" if status == "unguarded" else status or answer.outcome)
         if status == "rejected_distance":
             log.warning(
                 "geocode answer rejected: too far from its cluster", cluster=job.cluster, query=job.query
             )
+        elif status == "unguarded":
+            log.warning(
+                "geocode answer unguarded: its cluster has no centroid to check it against; "
+                "set one with `fleetticketsd gazetteer set CLUSTER LAT LON`",
+                cluster=job.cluster,
+                query=job.query,
+            )
         return "done"
 
-    async def _request(self, query: str) -> Answer:
+    async def _request(self, query: str, attempt: int = 0) -> Answer | None:
+        """One request in the pacer's turn; None when stopping before it was sent."""
         assert self._client is not None, "use the Geocoder as an async context manager"
-        async with self.limiter:
+        async with self.pacer.turn(self._stop) as go:
+            if not go:
+                return None
             try:
                 response = await self._client.get(self.provider.url(), params=self.provider.params(query))
             except httpx.TimeoutException as exc:
-                return Answer("error", detail=f"timeout: {type(exc).__name__}")
+                answer = Answer("error", detail=f"timeout: {type(exc).__name__}")
             except httpx.HTTPError as exc:
-                return Answer("error", detail=f"{type(exc).__name__}: {exc}")
-        return self.provider.interpret(response)
+                answer = Answer("error", detail=f"{type(exc).__name__}: {exc}")
+            else:
+                answer = self.provider.interpret(response)
+            # Still inside the turn, so that no other pass slips in before the pause.
+            # The provider asked the process, not this place, to slow down.
+            self.pacer.hold(self._backoff_s(answer, attempt))
+        return answer
+
+    @staticmethod
+    def _backoff_s(answer: Answer, attempt: int) -> float:
+        if answer.outcome not in ("rate_limited", "error"):
+            return 0.0
+        if answer.retry_after_s is not None:  # always honoured, after the last try too
+            return min(answer.retry_after_s, MAX_BACKOFF_S * 5)
+        if answer.outcome == "rate_limited":
+            return RATE_LIMITED_PAUSE_S
+        if attempt + 1 >= TRANSIENT_TRIES:  # the place is stored as error; the next one may go
+            return 0.0
+        return min(2.0**attempt, MAX_BACKOFF_S)  # 1 s, 2 s
 
     async def _store(self, job: Job, answer: Answer) -> str | None:
         now = self.clock()
@@ -577,14 +634,25 @@ class Geocoder:
             None if status != "error" else answer.detail,
             geocoded_at,
         ]
+        stored: str | None
         async with self.pool.acquire() as conn:
             if job.location is None:
-                return await conn.fetchval(STORE_CLUSTER, *args, retry_at)  # type: ignore[no-any-return]
-            # A rejected answer is retried no sooner than an unknown place.
-            retry_at = retry_at or now + timedelta(days=self.config.no_match_retry_days)
-            return await conn.fetchval(  # type: ignore[no-any-return]
-                STORE_LOCATION, *args, retry_at, self.config.max_distance_km, job.location
-            )
+                async with conn.transaction():
+                    stored = await conn.fetchval(STORE_CLUSTER, *args, retry_at)
+                    if stored == "ok":  # a centroid at last: its answers are judged against it
+                        await judge_locations(conn, self.config, job.cluster, now)
+            else:
+                # A rejected answer is retried no sooner than an unknown place.
+                retry_at = retry_at or now + timedelta(days=self.config.no_match_retry_days)
+                stored = await conn.fetchval(
+                    STORE_LOCATION, *args, retry_at, self.config.max_distance_km, job.location
+                )
+            await self._export_unguarded(conn)
+            return stored
+
+    async def _export_unguarded(self, conn: asyncpg.Connection) -> None:
+        n, _ = await unguarded_locations(conn)
+        self.metrics.geocode_unguarded.set(n)
 
     # --- budget and state ----------------------------------------------------------------------
 
@@ -631,10 +699,6 @@ class Geocoder:
     def _count(self, outcome: str) -> None:
         self.metrics.geocode_requests.labels(self.provider.name, outcome).inc()
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-
 
 DB_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
@@ -656,22 +720,82 @@ async def budget_left(conn: asyncpg.Connection, config: GeocoderConfig, now: dat
     return 0 if row["exhausted"] else max(0, config.daily_budget - row["requests"])
 
 
+async def unguarded_locations(conn: asyncpg.Connection) -> tuple[int, list[str]]:
+    """Answers placed without a centroid to check them, and their clusters."""
+    row = await conn.fetchrow(UNGUARDED)
+    assert row is not None
+    return int(row["n"]), list(row["clusters"])
+
+
+# --- the guard, judged again ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What judging stored answers again changed (status changes only)."""
+
+    accepted: int = 0  # now ok: within max_distance_km of the centroid
+    rejected: int = 0  # now rejected_distance: its tickets use the centroid
+    unguarded: int = 0  # now unguarded: the cluster has no centroid any more
+
+    def describe(self) -> str:
+        return f"{self.accepted} accepted, {self.rejected} rejected, {self.unguarded} unguarded"
+
+
+async def judge_locations(
+    conn: asyncpg.Connection, config: GeocoderConfig, cluster: str | None, now: datetime | None = None
+) -> Judgement:
+    """Judge the stored answers of ``cluster`` (None: all) against their centroid and
+    ``max_distance_km``; the triggers move the tickets of every answer that changes."""
+    retry_at = (now or utc_now()) + timedelta(days=config.no_match_retry_days)
+    rows = await conn.fetch(JUDGE_LOCATIONS, config.max_distance_km, cluster, retry_at)
+    changed = Counter(r["status"] for r in rows if r["status"] != r["was"])
+    judged = Judgement(changed["ok"], changed["rejected_distance"], changed["unguarded"])
+    if changed:
+        log.info(
+            "geocode answers judged again against their cluster centroid",
+            cluster=cluster,
+            accepted=judged.accepted,
+            rejected=judged.rejected,
+            unguarded=judged.unguarded,
+            max_distance_km=config.max_distance_km,
+        )
+    return judged
+
+
 # --- operators' corrections --------------------------------------------------------------------
 
 
+class GazetteerSet(NamedTuple):
+    location: str | None  # the cleaned location (None: the cluster's centroid was set)
+    tickets: int  # tickets now on the point
+    judged: Judgement  # a centroid's answers, judged against it
+
+
 async def set_gazetteer(
-    conn: asyncpg.Connection, cluster: str, location: str | None, lat: float, lon: float
-) -> tuple[str | None, int]:
+    conn: asyncpg.Connection,
+    cluster: str,
+    location: str | None,
+    lat: float,
+    lon: float,
+    config: GeocoderConfig | None = None,
+) -> GazetteerSet:
     """Record a person's point for a cluster or a location: verified, never overwritten.
 
-    ``location`` may be raw (as the ticket shows it) or already clean. Returns the
-    cleaned location and how many tickets now sit on that point.
+    ``location`` may be raw (as the ticket shows it) or already clean. A cluster's new
+    centroid re-judges the cluster's stored answers against ``config.max_distance_km``
+    in the same transaction: those now too far are rejected (their tickets move to the
+    centroid), those rejected before that now fit are accepted, unguarded ones are
+    judged at last; verified locations are left alone. Returns the cleaned location,
+    how many tickets now sit on the point, and what the judgement changed.
     """
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         raise ValueError(f"not a coordinate: lat {lat}, lon {lon}")
+    judged = Judgement()
     async with conn.transaction():
         if location is None:
             await conn.execute(SET_CLUSTER, cluster, lat, lon)
+            judged = await judge_locations(conn, config or GeocoderConfig(), cluster)
             clean = None
         else:
             clean = await conn.fetchval(CLEAN_LOCATION, location, cluster)
@@ -689,4 +813,4 @@ async def set_gazetteer(
                 lat,
                 lon,
             )
-    return clean, count
+    return GazetteerSet(clean, count, judged)

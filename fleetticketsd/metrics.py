@@ -105,6 +105,12 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        # Issue 13: answers nothing could check against the wrong-city guard.
+        self.geocode_unguarded = Gauge(
+            "fleettickets_geocode_unguarded_locations",
+            "Geocoded locations placed without a cluster centroid to check them against max_distance_km",
+            registry=r,
+        )
         self.geocode_cache_hits = Counter(
             "fleettickets_geocode_cache_hits", "Queued places found already cached: no request", registry=r
         )

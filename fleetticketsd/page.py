@@ -271,7 +271,10 @@ def _lock(name: str, holder: LockHolder | None, draining_here: Collection[str]) 
 
 def _geocoder(geo: GeocoderStatus, coverage: dict[str, dict[str, int]]) -> str:
     # GeocoderStatus.rows() is what `status` prints too: a figure added there shows here.
-    rows = _rows((label, e(value)) for label, value in geo.rows())
+    rows = _rows(
+        ((label, e(value) + _unguarded_badge(geo, label)) for label, value in geo.rows()),
+        {"geocode unguarded": "geocode-unguarded"},
+    )
     head = "".join(f"<th>{e(s)}</th>" for s in SOURCES)
     lines = "".join(
         f'<tr data-dataset="{e(name)}"><th>{e(name)}</th>'
@@ -284,6 +287,13 @@ def _geocoder(geo: GeocoderStatus, coverage: dict[str, dict[str, int]]) -> str:
         '<p class="muted">Open tickets by where their point comes from (none: no point yet):</p>'
         f'<table class="counts" id="coverage"><tr><th>dataset</th>{head}</tr>{lines}</table></section>'
     )
+
+
+def _unguarded_badge(geo: GeocoderStatus, label: str) -> str:
+    # Answers nothing checked against the wrong-city guard: not an error, but not silent.
+    if label == "geocode unguarded" and geo.unguarded:
+        return ' <span class="badge warn">not checked</span>'
+    return ""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ FROM {table} WHERE normalized_status = 'open' AND geom IS NOT NULL
 ORDER BY ticket_id LIMIT $1
 """
 MAP_MAX_POINTS = 5000
+UNGUARDED_SHOWN = 3  # clusters named in the unguarded line; the rest are counted
 SLA_TABLE = "tickets.inc"
 NOT_LISTED = "the source watcher has not listed it yet"
 
@@ -133,6 +134,9 @@ class GeocoderStatus:
     queue: int | None = None
     budget_left: int | None = None
     error: str | None = None
+    # Answers placed without a centroid to check them (issue 13), and their clusters.
+    unguarded: int | None = None
+    unguarded_clusters: tuple[str, ...] = ()
 
     def rows(self) -> list[tuple[str, str]]:
         """Label and value, as the terminal and the page both show them."""
@@ -146,11 +150,38 @@ class GeocoderStatus:
                 "geocode budget",
                 f"{self.budget_left} of {self.daily_budget} requests left today (UTC, {self.provider})",
             ),
+            ("geocode unguarded", self.unguarded_text()),
         ]
+
+    def unguarded_text(self) -> str:
+        if not self.unguarded:
+            return "0 location(s): every geocoded location was checked against its cluster centroid"
+        shown = ", ".join(self.unguarded_clusters[:UNGUARDED_SHOWN])
+        more = len(self.unguarded_clusters) - UNGUARDED_SHOWN
+        clusters = shown + (f" and {more} more" if more > 0 else "")
+        return (
+            f"{self.unguarded} location(s) placed without a cluster centroid to check them "
+            f"(cluster(s) {clusters}): fleetticketsd gazetteer set CLUSTER LAT LON"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """`status --json`'s "geocoder" object."""
+        out: dict[str, Any] = {"enabled": self.enabled, "provider": self.provider}
+        if self.enabled:
+            out.update(
+                error=self.error,
+                queue=self.queue,
+                budget_remaining=self.budget_left,
+                daily_budget=self.daily_budget,
+                unguarded_locations=self.unguarded,
+                unguarded_clusters=list(self.unguarded_clusters),
+            )
+        return out
 
 
 async def geocoder(engine: Engine, config: Config) -> GeocoderStatus:
-    from .geocode import budget_left, pending_places  # the worker's HTTP stack: not for every command
+    # The worker's HTTP stack: not for every command.
+    from .geocode import budget_left, pending_places, unguarded_locations
 
     geo = config.geocoder
     out = GeocoderStatus(geo.enabled, geo.provider, geo.daily_budget)
@@ -160,9 +191,12 @@ async def geocoder(engine: Engine, config: Config) -> GeocoderStatus:
         async with engine.pool.acquire() as conn:
             waiting = await pending_places(conn)
             left = await budget_left(conn, geo)
+            unguarded, clusters = await unguarded_locations(conn)
     except asyncpg.PostgresError as exc:  # e.g. the geocoding migration is not applied yet
         return GeocoderStatus(geo.enabled, geo.provider, geo.daily_budget, error=str(exc))
-    return GeocoderStatus(geo.enabled, geo.provider, geo.daily_budget, waiting, left)
+    return GeocoderStatus(
+        geo.enabled, geo.provider, geo.daily_budget, waiting, left, None, unguarded, tuple(clusters)
+    )
 
 
 async def other_writers(engine: Engine) -> list[adopt.ForeignWrite]:

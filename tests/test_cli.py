@@ -114,9 +114,21 @@ def test_status_on_a_terminal_shows_geocode_queue_and_budget(
     assert human.returncode == 0, human.stderr
     assert re.search(rf"^geocode queue\s+{clusters} place\(s\) waiting$", human.stdout, re.M), human.stdout
     assert re.search(r"^geocode budget\s+7 of 10 requests left today", human.stdout, re.M), human.stdout
+    assert re.search(r"^geocode unguarded\s+0 location\(s\)", human.stdout, re.M), human.stdout
     as_json = run_cli("status", "--json", env=env)
-    assert as_json.returncode == 0 and list(json.loads(as_json.stdout)) == ["datasets"]
-    assert "geocod" not in as_json.stdout
+    assert as_json.returncode == 0
+    # CONTRACT's "datasets" as before; the geocoder beside it (issue 13).
+    assert list(json.loads(as_json.stdout)) == ["datasets", "geocoder"]
+    assert json.loads(as_json.stdout)["geocoder"] == {
+        "enabled": True,
+        "provider": "locationiq",
+        "error": None,
+        "queue": clusters,
+        "budget_remaining": 7,
+        "daily_budget": 10,
+        "unguarded_locations": 0,
+        "unguarded_clusters": [],
+    }
 
     off = run_cli("status", env=cli_env(geocoder={"enabled": False}))
     assert off.returncode == 0, off.stderr

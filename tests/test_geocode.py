@@ -16,18 +16,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from aiolimiter import AsyncLimiter
 from prometheus_client import generate_latest
 
-from fleetticketsd import db
+from fleetticketsd import db, feedgen
 from fleetticketsd.config import Config, GeocoderConfig
 from fleetticketsd.drain import Engine, drain
 from fleetticketsd.geocode import Geocoder
 from fleetticketsd.metrics import Metrics
+from fleetticketsd.pacer import Pacer
 
 from . import fake_geocoder as fg
-from .conftest import SAMPLE, Bucket, apoll, inc_key, run_cli
-from .test_geocode_sql import raw, upsert, where
+from .conftest import SAMPLE, Bucket, apoll, inc_key, poll, run_cli
+from .test_geocode_sql import put_cluster, raw, upsert, where
 
 KEY1 = "automations/inc/changes/2026-06-22T15-50-39.csv"
 
@@ -102,20 +105,227 @@ async def test_requests_are_evenly_spaced_at_the_configured_rate_and_provoke_no_
     assert (arrivals[-1] - arrivals[0]) >= (len(arrivals) - 1) / rate * 0.95
 
 
-async def test_the_fake_does_punish_a_burst(
+async def test_the_fake_does_punish_a_burst(fake: fg.FakeGeocoder) -> None:
+    """Control: requests sent back to back (what AsyncLimiter(rate, 1) lets through) get 429."""
+    fake.per_second = 5
+    params = {"q": "Kilimani, Nairobi, Kenya", "key": fg.KEY, "format": "json"}
+    async with httpx.AsyncClient() as client:
+        answers = await asyncio.gather(*(client.get(f"{fake.url}/search", params=params) for _ in range(9)))
+    assert sum(r.status_code == 429 for r in answers) >= 3
+    assert any(r.json() == {"error": "Rate Limited Second"} for r in answers)
+
+
+# --- no 429, at start-up too: what the provider sees -------------------------------------------
+# The fake timestamps each request on arrival and enforces its own per-second limit as
+# LocationIQ does (429 "Rate Limited Second"), so these measure what the provider
+# measures, not what the worker believes it did.
+
+
+async def seed(conn: asyncpg.Connection, n: int, clusters: int = 4) -> None:
+    await tickets(conn, *[(f"OLD{i}", f"Cluster {i % clusters}", f"Street {i} FDT1") for i in range(n)])
+
+
+def seed_places(db_url: str, n: int) -> None:
+    """Tickets needing ``n`` locations in 4 clusters, before a process starts."""
+
+    async def go() -> None:
+        c = await asyncpg.connect(db_url)
+        try:
+            await seed(c, n)
+        finally:
+            await c.close()
+
+    asyncio.run(go())
+
+
+def gaps(server: fg.FakeGeocoder) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(server.arrivals())]
+
+
+class SlowFirstSend(httpx.AsyncBaseTransport):
+    """The first request leaves late, as a first connection does on a busy event loop."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.delay_s = delay_s
+        self.sent = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent == 1:
+            await asyncio.sleep(self.delay_s)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_spacing_acquisitions_bunches_arrivals_spacing_answers_does_not(fake: fg.FakeGeocoder) -> None:
+    rate = 2.0
+    interval = 1 / rate
+    params = {"q": "Kilimani, Nairobi, Kenya", "key": fg.KEY, "format": "json"}
+    # The old way: AsyncLimiter(1, 1/rate) spaces acquisitions; a send delayed by 0.8
+    # of an interval after its acquisition arrives 0.2 of an interval before the next.
+    limiter = AsyncLimiter(1, interval)
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.8 * interval)) as client:
+        for _ in range(2):
+            async with limiter:
+                await client.get(f"{fake.url}/search", params=params)
+    assert gaps(fake)[0] < 0.5 * interval, gaps(fake)
+    # The pacer counts from the answer: the same delay cannot bring two arrivals closer.
+    fake.requests.clear()
+    pacer = Pacer(interval)
+    async with httpx.AsyncClient(transport=SlowFirstSend(0.8 * interval)) as client:
+        for _ in range(3):
+            async with pacer.turn():
+                await client.get(f"{fake.url}/search", params=params)
+    assert min(gaps(fake)) >= interval, gaps(fake)
+
+
+@pytest.mark.parametrize("pacers", ["one", "own, shared through the database", "own, local (control)"])
+async def test_concurrent_passes_send_no_burst(
+    pacers: str, fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """A cluster pass and a location pass at once, as two workers of one process, or
+    of two processes (each worker's own pacer takes its turns through the database)."""
+    rate = 8
+    fake.per_second = rate
+    fake.default_point = True
+    await seed(conn, 24, clusters=6)
+    for i in range(3):  # half the clusters answered: the location pass has work at once
+        await put_cluster(conn, f"Cluster {i}", fg.KILIMANI)
+    cfg = geo(fake, rate_per_second=float(rate))
+    one = Pacer(1 / rate)
+    kw: list[dict[str, Any]] = [{}, {}]  # the default: a pacer of its own, shared through PostgreSQL
+    if pacers == "one":
+        kw = [{"pacer": one}, {"pacer": one}]
+    elif pacers.endswith("(control)"):
+        kw = [{"pacer": Pacer(1 / rate)}, {"pacer": Pacer(1 / rate)}]
+    async with Geocoder(cfg, pool, Metrics(), **kw[0]) as a, Geocoder(cfg, pool, Metrics(), **kw[1]) as b:
+        await asyncio.gather(
+            a.run_pass(clusters=True, locations=False, limit=6),
+            b.run_pass(clusters=False, locations=True, limit=6),
+        )
+    if pacers.endswith("(control)"):  # two pacers that know nothing of each other: twice the rate
+        assert min(gaps(fake)) < 1 / rate
+        return
+    assert fake.statuses() == {200: 3 + 6}  # three clusters unanswered, six locations
+    assert min(gaps(fake)) >= 1 / rate, gaps(fake)
+
+
+async def test_a_reload_changes_the_rate_but_keeps_the_pacers_clock(
     fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    """Control: AsyncLimiter(rate, 1) allows bursts, and this provider answers them with 429."""
-    from aiolimiter import AsyncLimiter
+    """A fresh limiter on SIGHUP would let the next request go at once, right behind the last."""
+    await tickets(conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+    async with worker(geo(fake, rate_per_second=2.0), pool) as w:
+        pacer = w.pacer
+        await w.run_pass(clusters=True, locations=False)
+        w.reconfigure(dataclasses.replace(w.config, rate_per_second=1.0))
+        assert w.pacer is pacer and pacer.interval_s == 1.0
+        assert 0 < pacer.wait_s() <= 0.5  # still the pause the old rate owed
+        await w.run_pass()
+    assert gaps(fake)[0] >= 0.5
 
-    fake.per_second = 5
+
+async def test_retry_after_pushes_every_pass_sharing_the_pacer(
+    fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
     fake.default_point = True
-    await tickets(conn, *[(f"INC{i}", "Kilimani", f"KILIMANI_Street {i} FDT1") for i in range(9)])
-    async with worker(geo(fake, rate_per_second=5.0), pool) as w:
-        w.limiter = AsyncLimiter(5, 1)
-        report = await w.run_pass()
-    assert fake.statuses()[429] > 0
-    assert report.outcomes["rate_limited"] > 0
+    await seed(conn, 8, clusters=2)
+    await put_cluster(conn, "Cluster 1", fg.KILIMANI)
+    fake.fail_first["Cluster 0"] = 1  # 503 with Retry-After to the cluster pass
+    fake.retry_after_s = 0.6
+    cfg = geo(fake, rate_per_second=20.0)
+    pacer = Pacer(1 / 20.0)
+    async with (
+        Geocoder(cfg, pool, Metrics(), pacer=pacer) as a,
+        Geocoder(cfg, pool, Metrics(), pacer=pacer) as b,
+    ):
+        await asyncio.gather(
+            a.run_pass(clusters=True, locations=False),
+            b.run_pass(clusters=False, locations=True, limit=3),
+        )
+    arrivals = fake.arrivals()
+    refused = [i for i, r in enumerate(fake.requests) if r.status == 503]
+    assert len(refused) == 1 and refused[0] < len(arrivals) - 1
+    # Whichever pass sent next waited the Retry-After, not only the one that was told.
+    i = refused[0]
+    assert arrivals[i + 1] - arrivals[i] >= 0.6, (fake.queries(), gaps(fake))
+    assert fake.statuses()[429] == 0
+
+
+@pytest.mark.parametrize("rate", [2, 8])
+def test_daemon_start_up_sends_no_burst_at_the_providers_own_limit(
+    rate: int,
+    fake: fg.FakeGeocoder,
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
+    bucket: Bucket,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make run`'s start: places already waiting in the database (the geocoder's
+    first pass starts at once) while the start-up drains apply a baseline of each
+    dataset in the same event loop. The rate is the provider's own limit."""
+    fake.per_second = rate
+    fake.default_point = True
+    seed_places(db_url, 40)
+    for ds, rows in (("inc", 3000), ("crq", 1200)):
+        spec = feedgen.FeedSpec(dataset=ds, seed=7, baseline_rows=rows, deltas=2, delta_rows=20)
+        for name, data in feedgen.generate(spec):
+            bucket.put(f"automations/{ds}/changes/{name}", data)
+    monkeypatch.setenv("GEOCODER_API_KEY", fg.KEY)
+    d, _ = start_daemon(geocoder={"enabled": True, "base_url": fake.url, "rate_per_second": float(rate)})
+    want = 4 * rate  # four seconds of requests, the start-up drains among them
+    poll(lambda: len(fake.requests) >= want, timeout_s=60, what=f"{want} requests")
+    assert fake.statuses()[429] == 0, d.logged("geocode request failed; backing off")
+    assert not d.logged("geocode request failed; backing off")
+    assert min(gaps(fake)[: want - 1]) >= 1 / rate, gaps(fake)
+
+
+@pytest.mark.parametrize("first", ["daemon", "command"])
+def test_a_geocode_command_beside_the_daemon_sends_no_burst_whichever_starts_first(
+    first: str,
+    fake: fg.FakeGeocoder,
+    start_daemon: Callable[..., tuple[Any, dict[str, Any]]],
+    cli_env: Callable[..., dict[str, str]],
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two processes, one provider: the daemon at start-up and an operator's
+    `fleetticketsd geocode`, each at the provider's own limit."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    rate = 8
+    fake.per_second = rate
+    fake.default_point = True
+    seed_places(db_url, 20)  # 24 places: 4 clusters, 20 locations
+    monkeypatch.setenv("GEOCODER_API_KEY", fg.KEY)
+    geocoder = {"enabled": True, "base_url": fake.url, "rate_per_second": float(rate)}
+    env = cli_env(geocoder=geocoder)
+
+    def command() -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "fleetticketsd", "geocode", "--json"]
+        return subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    cli = command() if first == "command" else None
+    d, _ = start_daemon(geocoder=geocoder)
+    cli = cli or command()
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    poll(
+        lambda: d.metric("fleettickets_geocode_queue_depth") == 0 and len(fake.requests) >= 24,
+        what="all asked",
+    )
+    assert json.loads(out)["requests"] >= 1  # the command did send, between the daemon's requests
+    assert fake.statuses()[429] == 0, fake.statuses()
+    assert min(gaps(fake)) >= 1 / rate, gaps(fake)
 
 
 # --- the daily budget ---------------------------------------------------------------------
@@ -207,6 +417,83 @@ async def test_wrong_city_answer_is_rejected_and_the_ticket_gets_the_cluster_cen
         == 1
     )
     assert metric(metrics, "fleettickets_geocode_requests_total", provider="locationiq", outcome="ok") == 2
+
+
+async def test_unguarded_answers_are_counted_shown_and_judged_once_the_centroid_is_known(
+    fake: fg.FakeGeocoder,
+    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
+    cli_env: Callable[..., dict[str, str]],
+) -> None:
+    import json
+
+    fake.places.update({"Karen": None, "Jogoo Rd": fg.JOGOO_KILIMANI, "Mombasa Rd": fg.MOMBASA})
+    await tickets(conn, ("INC1", "Karen", "KAREN_Jogoo Rd FDT1"), ("INC2", "Karen", "KAREN_Mombasa Rd FDT2"))
+    clock = Clock(datetime(2026, 6, 22, 12, 0, tzinfo=UTC))
+    metrics = Metrics()
+    cfg = geo(fake, no_match_retry_days=7.0)
+    async with worker(cfg, pool, clock, metrics=metrics) as w:
+        report = await w.run_pass()
+    # The provider knows no "Karen": nothing to check the two answers against.
+    assert report.outcomes == {"no_match": 1, "ok": 2}
+    assert metric(metrics, "fleettickets_geocode_unguarded_locations") == 2
+    assert await where(conn, "INC2") == ("location", -4.0435, 39.6682)  # used, not trusted silently
+
+    env = cli_env(geocoder={"enabled": True, "base_url": fake.url})
+    human = run_cli("status", env=env)
+    assert human.returncode == 0, human.stderr
+    line = next(x for x in human.stdout.splitlines() if x.startswith("geocode unguarded"))
+    assert "2 location(s) placed without a cluster centroid" in line and "Karen" in line, line
+    as_json = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert as_json["geocoder"]["unguarded_locations"] == 2
+    assert as_json["geocoder"]["unguarded_clusters"] == ["Karen"]
+
+    # A week later the provider knows Karen: the centroid arrives and both answers are judged.
+    fake.places["Karen"] = fg.KILIMANI
+    clock.now += timedelta(days=8)
+    async with worker(cfg, pool, clock, metrics=metrics) as w:
+        report = await w.run_pass()
+    assert report.requests == 1 and fake.queries()[-1] == "Karen, Nairobi, Kenya"  # no location re-asked
+    assert metric(metrics, "fleettickets_geocode_unguarded_locations") == 0
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == ("cluster", -1.2921, 36.7856)  # the wrong city, caught at last
+    rows = dict(await conn.fetch("SELECT location, status FROM tickets.geo_locations"))
+    assert rows == {"Jogoo Rd": "ok", "Mombasa Rd": "rejected_distance"}
+    as_json = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert as_json["geocoder"]["unguarded_locations"] == 0
+
+
+def test_gazetteer_set_of_a_centroid_rejudges_its_answers(
+    fake: fg.FakeGeocoder, cli_env: Callable[..., dict[str, str]], db_url: str, config: Config
+) -> None:
+    """The operator's command: a wrong centroid corrected, its cluster's answers judged again."""
+
+    async def seed_and_geocode() -> None:
+        c = await asyncpg.connect(db_url)
+        p = await db.create_pool(config.database)
+        try:
+            await tickets(c, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
+            fake.places.update({"Kilimani": fg.MOMBASA, "Jogoo Rd": fg.JOGOO_KILIMANI})
+            async with worker(geo(fake), p) as w:
+                await w.run_pass()
+        finally:
+            await p.close()
+            await c.close()
+
+    asyncio.run(seed_and_geocode())
+    env = cli_env(geocoder={"enabled": True, "base_url": fake.url})
+    res = run_cli("gazetteer", "set", "Kilimani", str(fg.KILIMANI[0]), str(fg.KILIMANI[1]), env=env)
+    assert res.returncode == 0, res.stderr
+    assert "judged against the new centroid (25 km): 1 accepted, 0 rejected, 0 unguarded" in res.stdout
+
+    async def check() -> tuple[Any, ...]:
+        c = await asyncpg.connect(db_url)
+        try:
+            return await where(c, "INC1")
+        finally:
+            await c.close()
+
+    assert asyncio.run(check()) == ("location", -1.295, 36.79)
 
 
 async def test_a_cached_place_sends_no_request(
@@ -490,6 +777,7 @@ def test_daemon_geocodes_what_its_drains_bring_and_reloads_limits(
 
     poll(lambda: asyncio.run(sources()) == {"T1": "location", "T2": "cluster"}, what="tickets placed")
     assert d.metric("fleettickets_geocode_queue_depth") == 0
+    assert d.metric("fleettickets_geocode_unguarded_locations") == 0  # Kilimani has its centroid
     assert d.metric("fleettickets_geocode_budget_remaining") == 4998
     status, _ = d.get("/readyz")
     assert status == 200

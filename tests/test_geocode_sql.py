@@ -14,7 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd.geocode import build_query, set_gazetteer
+from fleetticketsd.config import GeocoderConfig
+from fleetticketsd.geocode import STORE_LOCATION, Judgement, build_query, set_gazetteer, unguarded_locations
 
 from .conftest import SAMPLE
 
@@ -252,9 +253,9 @@ async def test_gazetteer_set_marks_verified_and_moves_tickets(conn: asyncpg.Conn
     key = "automations/inc/changes/2026-06-22T15-50-39.csv"
     await upsert(conn, "INC1", key, **raw("Kilimani", "NW_KILIMANI_Jogoo Rd FDT1"))
     await upsert(conn, "INC2", key, **raw("Kilimani", "NW_KILIMANI_Moi Avenue FDT1"))
-    assert await set_gazetteer(conn, "Kilimani", None, -1.29, 36.78) == (None, 2)
+    assert (await set_gazetteer(conn, "Kilimani", None, -1.29, 36.78))[:2] == (None, 2)
     # The raw name as the ticket shows it is accepted and cleaned.
-    assert await set_gazetteer(conn, "Kilimani", "SDUS KILIMANI_Jogoo Rd FDT9", -1.295, 36.79) == (
+    assert (await set_gazetteer(conn, "Kilimani", "SDUS KILIMANI_Jogoo Rd FDT9", -1.295, 36.79))[:2] == (
         "Jogoo Rd",
         1,
     )
@@ -267,3 +268,111 @@ async def test_gazetteer_set_marks_verified_and_moves_tickets(conn: asyncpg.Conn
         await set_gazetteer(conn, "Kilimani", "NW_KILIMANI", -1.2, 36.7)
     with pytest.raises(ValueError):
         await set_gazetteer(conn, "Kilimani", None, 95, 36.7)
+
+
+# --- the guard, judged again (issue 13) -------------------------------------------------------
+
+NYALI = (-4.0300, 39.7000)  # ~3.5 km from MOMBASA, ~440 km from Kilimani
+
+
+async def location_row(conn: asyncpg.Connection, cluster: str, location: str) -> asyncpg.Record:
+    r = await conn.fetchrow(
+        "SELECT status, verified, distance_km, retry_at FROM tickets.geo_locations "
+        "WHERE cluster = $1 AND location = $2",
+        cluster,
+        location,
+    )
+    assert r is not None
+    return r
+
+
+async def test_a_corrected_centroid_rejudges_the_clusters_answers_and_tickets_follow(
+    conn: asyncpg.Connection,
+) -> None:
+    """The provider put Kilimani's centroid in Mombasa: its right answers were rejected
+    as too far, a wrong one (in Mombasa) passed. The operator's correction turns both."""
+    key = "automations/inc/changes/2026-06-22T15-50-39.csv"
+    await upsert(conn, "INC1", key, **raw("Kilimani", "NW_KILIMANI_Jogoo Rd FDT1"))
+    await upsert(conn, "CRQ1", key, table="tickets.crq", **raw("Kilimani", "SDUS KILIMANI_Jogoo Rd FDT4"))
+    await upsert(conn, "INC2", key, **raw("Kilimani", "NW_KILIMANI_Nyali Rd FDT2"))
+    await upsert(conn, "INC3", key, **raw("Kilimani", "NW_KILIMANI_Moi Avenue FDT3"))
+    await upsert(
+        conn, "INC4", key, **raw("Kilimani", "NW_KILIMANI_Nyali Rd FDT5", latitude="-1.3", longitude="36.8")
+    )
+    await put_cluster(conn, "Kilimani", MOMBASA)
+    await put_location(conn, "Kilimani", "Jogoo Rd", JOGOO, status="rejected_distance")
+    await put_location(conn, "Kilimani", "Nyali Rd", NYALI)
+    await set_gazetteer(conn, "Kilimani", "Moi Avenue", *MOMBASA)  # a person's point: it wins
+    assert await where(conn, "INC1") == ("cluster", -4.0435, 39.6682)
+    assert await where(conn, "INC2") == ("location", -4.03, 39.7)
+
+    done = await set_gazetteer(conn, "Kilimani", None, *KILIMANI, GeocoderConfig(max_distance_km=25.0))
+    assert done.judged == Judgement(accepted=1, rejected=1, unguarded=0)
+    jogoo, nyali = (
+        await location_row(conn, "Kilimani", "Jogoo Rd"),
+        await location_row(conn, "Kilimani", "Nyali Rd"),
+    )
+    assert jogoo["status"] == "ok" and jogoo["distance_km"] < 1 and jogoo["retry_at"] is None
+    assert nyali["status"] == "rejected_distance" and nyali["distance_km"] > 400
+    assert nyali["retry_at"] is not None  # asked again later, like any rejected answer
+    # The tickets followed, in every ticket table; the verified point and the feed's did not move.
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "CRQ1", "tickets.crq") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == ("cluster", -1.2921, 36.7856)
+    assert await where(conn, "INC3") == ("location", -4.0435, 39.6682)
+    assert await where(conn, "INC4") == ("feed", -1.3, 36.8)
+    moi = await location_row(conn, "Kilimani", "Moi Avenue")
+    assert moi["verified"] and moi["status"] == "ok"
+    assert done.tickets == 1  # INC2 stands on the new centroid
+
+    # A tighter guard (a config change) is applied the same way; nothing else changes.
+    again = await set_gazetteer(conn, "Kilimani", None, *KILIMANI, GeocoderConfig(max_distance_km=0.5))
+    assert again.judged == Judgement(rejected=1)
+    assert await where(conn, "INC1") == ("cluster", -1.2921, 36.7856)
+    assert (await set_gazetteer(conn, "Kilimani", None, *KILIMANI)).judged == Judgement(accepted=1)
+
+
+async def store_answer(
+    conn: asyncpg.Connection, cluster: str, location: str, point: tuple[float, float]
+) -> str:
+    """The worker's store of one provider answer (fleetticketsd.geocode.STORE_LOCATION)."""
+    status: str = await conn.fetchval(
+        STORE_LOCATION, cluster, f"{location}, {cluster}", "ok", point[0], point[1], "locationiq", None,
+        None, None, None, 25.0, location,
+    )  # fmt: skip
+    return status
+
+
+async def test_an_answer_without_a_centroid_is_unguarded_until_the_centroid_is_known(
+    conn: asyncpg.Connection,
+) -> None:
+    key = "automations/inc/changes/2026-06-22T15-50-39.csv"
+    await upsert(conn, "INC1", key, **raw("Karen", "KAREN_Jogoo Rd FDT1"))
+    await upsert(conn, "INC2", key, **raw("Karen", "KAREN_Nyali Rd FDT1"))
+    await put_cluster(conn, "Karen", None, status="no_match")  # the provider knows no "Karen"
+    assert await store_answer(conn, "Karen", "Jogoo Rd", JOGOO) == "unguarded"
+    assert await store_answer(conn, "Karen", "Nyali Rd", NYALI) == "unguarded"
+    assert await unguarded_locations(conn) == (2, ["Karen"])
+    # Not checked, but better than no point: the tickets use them.
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == ("location", -4.03, 39.7)
+    row = await location_row(conn, "Karen", "Jogoo Rd")
+    assert row["distance_km"] is None and row["retry_at"] is None  # waits for a centroid, not for a retry
+
+    # The centroid becomes known (here a person's): both answers are judged at last.
+    done = await set_gazetteer(conn, "Karen", None, *KILIMANI)
+    assert done.judged == Judgement(accepted=1, rejected=1)
+    assert await unguarded_locations(conn) == (0, [])
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == ("cluster", -1.2921, 36.7856)
+
+    # Without a centroid again, an accepted answer is unguarded again; a rejected one
+    # stays rejected (nothing to clear it against).
+    await conn.execute("DELETE FROM tickets.geo_clusters WHERE cluster = 'Karen'")
+    rows = await conn.fetch("SELECT location, was, status FROM tickets.judge_locations(25, 'Karen')")
+    assert [(r["location"], r["was"], r["status"]) for r in rows] == [("Jogoo Rd", "ok", "unguarded")]
+    assert (await location_row(conn, "Karen", "Nyali Rd"))["status"] == "rejected_distance"
+    assert await where(conn, "INC1") == ("location", -1.295, 36.79)
+    assert await where(conn, "INC2") == (None, None, None)
+    # A judgement that finds nothing new writes nothing.
+    assert await conn.fetch("SELECT * FROM tickets.judge_locations(25)") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import re
@@ -130,6 +131,7 @@ async def test_page_in_chromium_shows_block_skip_command_geocoder_and_map_then_t
             assert inc["lastPass"].endswith("blocked at 2026-06-22T10-05-00.csv")
             assert crq["pending"] == "0" and crq["skip"] is None
             assert "geocode budget" in seen["geocoder"] and "98 of 100 requests left" in seen["geocoder"]
+            assert "geocode unguarded" in seen["geocoder"] and "0 location(s)" in seen["geocoder"]
             assert seen["coverage"] == {
                 "inc": {"feed": 2, "location": 1, "cluster": 1, "none": 0},
                 "crq": {"feed": 0, "location": 1, "cluster": 0, "none": 0},
@@ -261,6 +263,34 @@ def test_render_escapes_every_value_from_the_data() -> None:
     # The command a person copies stays a valid shell command around an odd key.
     cmd = page.skip_command("inc", "automations/inc/changes/it's.csv")
     assert cmd == "fleetticketsd skip --dataset inc 'automations/inc/changes/it'\"'\"'s.csv' --reason \"...\""
+
+
+def test_geocoder_box_flags_unguarded_locations() -> None:
+    geo = GeocoderStatus(True, "locationiq", 10, 0, 9, None, 3, ("Karen", "Kitengela", "Ngong", "Ruaka"))
+    snap = Snapshot(
+        taken_at=datetime(2026, 6, 22, 7, 0, tzinfo=UTC),
+        datasets=DatasetsReport({}),
+        geocoder=geo,
+        coverage={},
+        points=[],
+        points_total=0,
+        lock_holders={},
+        draining_here=frozenset(),
+        writers=[],
+    )
+    html = page.render_main(snap, None, "config.toml", "")
+    box = html.split('<section id="geocoder">')[1].split("</section>")[0]
+    row = re.search(r'<tr id="geocode-unguarded"><th>geocode unguarded</th><td>(.*?)</td>', box)
+    assert row, box
+    assert row.group(1).startswith("3 location(s) placed without a cluster centroid")
+    assert "Karen, Kitengela, Ngong and 1 more" in row.group(1)
+    assert "gazetteer set CLUSTER LAT LON" in row.group(1)
+    assert '<span class="badge warn">not checked</span>' in row.group(1)
+    # None unguarded: the row says so, without the badge.
+    calm = page.render_main(
+        dataclasses.replace(snap, geocoder=dataclasses.replace(geo, unguarded=0)), None, "c", ""
+    )
+    assert "not checked" not in calm and 'id="geocode-unguarded"' in calm
 
 
 async def _blocked_line(db_url: str) -> int | None:

@@ -32,9 +32,14 @@
 
 -- --------------------------------------------------------------------------- prepared features
 
+-- Partitioned by shelf (open | closed | other), so that the open tickets, which every
+-- call reads all of, sit together on a few pages instead of among weeks of closures:
+-- at the backlog profile the open rows were spread over 12k pages of 120 MB, most of
+-- them read from outside shared_buffers. A status change moves the row to its shelf.
 CREATE TABLE IF NOT EXISTS tickets.ticket_features (
     dataset           text NOT NULL,
     ticket_id         text NOT NULL,
+    shelf             text NOT NULL,  -- normalized_status when open or closed, else 'other'
     normalized_status text,
     closed_at         timestamptz,
     clock             timestamptz,  -- the SLA clock: created_at_service, else first_seen_at
@@ -48,13 +53,18 @@ CREATE TABLE IF NOT EXISTS tickets.ticket_features (
     open_parts        text[],       -- the dashboard's open feature around age_hours, sla_state,
                                     -- hours_to_breach (open INC tickets with a point)
     closed_feature    text,         -- the dashboard's closed feature (closed INC tickets with a point)
-    PRIMARY KEY (dataset, ticket_id)
-);
-CREATE INDEX IF NOT EXISTS ticket_features_open_idx ON tickets.ticket_features (dataset, ticket_id)
-    WHERE normalized_status = 'open';
-CREATE INDEX IF NOT EXISTS ticket_features_closed_idx ON tickets.ticket_features (closed_at)
-    WHERE normalized_status = 'closed';
-CREATE INDEX IF NOT EXISTS ticket_features_status_idx ON tickets.ticket_features (dataset, normalized_status, mapped);
+    ord               bigint,       -- (dataset, ticket_id)'s byte order as a number, for ids shaped
+                                    -- like the feed's (3 capitals, 12 digits); else NULL
+    PRIMARY KEY (dataset, ticket_id, shelf)
+) PARTITION BY LIST (shelf);
+CREATE TABLE IF NOT EXISTS tickets.ticket_features_open PARTITION OF tickets.ticket_features FOR VALUES IN ('open');
+CREATE TABLE IF NOT EXISTS tickets.ticket_features_closed PARTITION OF tickets.ticket_features
+    FOR VALUES IN ('closed');
+CREATE TABLE IF NOT EXISTS tickets.ticket_features_other PARTITION OF tickets.ticket_features DEFAULT;
+CREATE INDEX IF NOT EXISTS ticket_features_closed_at_idx ON tickets.ticket_features (closed_at);
+CREATE INDEX IF NOT EXISTS ticket_features_clock_idx ON tickets.ticket_features (dataset, clock);
+-- Whether any ticket has no ord (the map's sort then compares the ids themselves).
+CREATE INDEX IF NOT EXISTS ticket_features_unordered_idx ON tickets.ticket_features (dataset) WHERE ord IS NULL;
 
 COMMENT ON TABLE tickets.ticket_features IS
     'INC and CRQ tickets as the reporting functions read them, GeoJSON prepared; kept by triggers (0009).';
@@ -84,7 +94,9 @@ CREATE OR REPLACE FUNCTION tickets.ticket_feature(
     p_closed_at timestamptz, p_geom geometry, p_mttr integer
 ) RETURNS tickets.ticket_features
 LANGUAGE sql STABLE SET TimeZone = 'UTC' AS $$
-    SELECT p_dataset, p_ticket_id, p_status, p_closed_at, k.clock, p_cluster, p_owner, p_team,
+    SELECT p_dataset, p_ticket_id,
+           CASE WHEN p_status IN ('open', 'closed') THEN p_status ELSE 'other' END,
+           p_status, p_closed_at, k.clock, p_cluster, p_owner, p_team,
            p_geom IS NOT NULL, k.minutes,
            CASE WHEN k.minutes < 48 * 60 THEN 'met' WHEN k.minutes >= 48 * 60 THEN 'breached' END,
            CASE WHEN p_geom IS NOT NULL THEN tickets.feature_parts(jsonb_build_object(
@@ -136,7 +148,15 @@ LANGUAGE sql STABLE SET TimeZone = 'UTC' AS $$
                    'mttr_minutes', k.minutes,
                    'sla_status', CASE WHEN k.minutes < 48 * 60 THEN 'met'
                                       WHEN k.minutes >= 48 * 60 THEN 'breached' END,
-                   'geo_source', p_geo_source))::text END
+                   'geo_source', p_geo_source))::text END,
+           -- dataset (crq < inc), the capitals as base 26, the digits: for such ids the
+           -- number sorts as the bytes of (dataset, ticket_id) do.
+           CASE WHEN p_dataset IN ('crq', 'inc') AND p_ticket_id ~ '^[A-Z]{3}[0-9]{12}$' COLLATE "C"
+                THEN (CASE p_dataset WHEN 'crq' THEN 0 ELSE 17576 END
+                      + (ascii(substr(p_ticket_id, 1, 1)) - 65) * 676
+                      + (ascii(substr(p_ticket_id, 2, 1)) - 65) * 26
+                      + (ascii(substr(p_ticket_id, 3, 1)) - 65)) * 1000000000000::bigint
+                     + substr(p_ticket_id, 4)::bigint END
     FROM (SELECT coalesce(p_created, p_first_seen) AS clock,
                  coalesce(p_mttr, round(extract(epoch FROM p_closed_at - coalesce(p_created, p_first_seen)) / 60)::int)
                      AS minutes,
@@ -158,11 +178,15 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' THEN
-        -- A ticket_id changed by hand: its old row goes.
+        -- Tickets whose row moves to another shelf (or whose ticket_id was changed by
+        -- hand): their old rows go.
         DELETE FROM tickets.ticket_features f
         USING old_rows o
         WHERE f.dataset = TG_ARGV[0] AND f.ticket_id = o.ticket_id
-          AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.ticket_id = o.ticket_id);
+          AND NOT EXISTS (SELECT 1 FROM new_rows n
+                          WHERE n.ticket_id = o.ticket_id
+                            AND f.shelf = CASE WHEN n.normalized_status IN ('open', 'closed')
+                                               THEN n.normalized_status ELSE 'other' END);
     END IF;
     INSERT INTO tickets.ticket_features AS f
     SELECT x.*
@@ -170,13 +194,13 @@ BEGIN
     CROSS JOIN LATERAL tickets.ticket_feature(
         TG_ARGV[0], n.ticket_id, n.normalized_status, n.raw_status, n.cluster, n.owner, n.assigned_team,
         n.geo_source, n.created_at_service, n.first_seen_at, n.closed_at, n.geom, n.mttr_minutes) x
-    ON CONFLICT (dataset, ticket_id) DO UPDATE
+    ON CONFLICT (dataset, ticket_id, shelf) DO UPDATE
         SET normalized_status = EXCLUDED.normalized_status, closed_at = EXCLUDED.closed_at,
             clock = EXCLUDED.clock, cluster = EXCLUDED.cluster, owner = EXCLUDED.owner,
             assigned_team = EXCLUDED.assigned_team, mapped = EXCLUDED.mapped,
             mttr_minutes = EXCLUDED.mttr_minutes, sla_status = EXCLUDED.sla_status,
             map_parts = EXCLUDED.map_parts, open_parts = EXCLUDED.open_parts,
-            closed_feature = EXCLUDED.closed_feature
+            closed_feature = EXCLUDED.closed_feature, ord = EXCLUDED.ord
         -- A write that changed nothing shown (a source_key bump) leaves no dead tuple.
         WHERE f IS DISTINCT FROM EXCLUDED;
     RETURN NULL;
@@ -247,37 +271,67 @@ CREATE FUNCTION reporting.fn_tickets_for_map() RETURNS json
 LANGUAGE sql STABLE SECURITY DEFINER
 SET jit = off SET work_mem = '64MB' SET TimeZone = 'UTC'
 AS $$
-    WITH shown AS MATERIALIZED (
-        -- Open and just-closed apart, each in (dataset, ticket_id) order, merged: the open
-        -- ones come in that order from ticket_features_open_idx, so only the few
-        -- just-closed ones are sorted (a sort of every feature by ticket_id was a third
-        -- of the call). ticket_features holds INC and CRQ only.
+    WITH sort_by AS MATERIALIZED (
+        -- How to sort in the database collation's order cheaply. Where that order is
+        -- byte order (C, POSIX, C.UTF-8: code points, which UTF-8 bytes sort by), and
+        -- every ticket has an ord (the feed's ids), the sort is over one bigint; else over
+        -- the bytes; elsewhere by the collation (strcoll() per comparison). Sorting the
+        -- wide feature rows by text was a third of the call: every comparison reached
+        -- into a row of its own.
+        SELECT d.datlocprovider = 'c' AND d.datcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8') AS bytes,
+               d.datlocprovider = 'c' AND d.datcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8')
+                   AND NOT EXISTS (SELECT 1 FROM tickets.ticket_features u WHERE u.ord IS NULL) AS ord
+        FROM pg_catalog.pg_database d WHERE d.datname = current_database()
+    ), shown AS MATERIALIZED (
+        -- ticket_features holds INC and CRQ only.
         SELECT x.* FROM (
-            SELECT f.dataset, f.ticket_id, f.normalized_status,
+            SELECT f.dataset, f.ticket_id, f.normalized_status, f.ord,
                    f.map_parts[1]
                        || CASE WHEN f.dataset = 'inc'
                                THEN reporting.json_state(reporting.sla_state(f.clock, now())) ELSE 'null' END
                        || f.map_parts[2] AS feature
             FROM tickets.ticket_features f
-            WHERE f.normalized_status = 'open' AND f.mapped
+            WHERE f.shelf = 'open' AND f.mapped
             UNION ALL
-            SELECT f.dataset, f.ticket_id, f.normalized_status, f.map_parts[1] || 'null' || f.map_parts[2]
+            SELECT f.dataset, f.ticket_id, f.normalized_status, f.ord, f.map_parts[1] || 'null' || f.map_parts[2]
             FROM tickets.ticket_features f
-            WHERE f.normalized_status = 'closed' AND f.closed_at >= now() - interval '24 hours' AND f.mapped
+            WHERE f.shelf = 'closed' AND f.closed_at >= now() - interval '24 hours' AND f.mapped
         ) x
-        ORDER BY x.dataset, x.ticket_id
+        ORDER BY CASE WHEN (SELECT ord FROM sort_by) THEN x.ord END,
+                 CASE WHEN (SELECT bytes FROM sort_by) THEN x.dataset COLLATE "C" END,
+                 CASE WHEN (SELECT bytes FROM sort_by) THEN x.ticket_id COLLATE "C" END,
+                 x.dataset, x.ticket_id
+    ), features AS (
+        -- The features and what the summary counts of them, in one pass.
+        SELECT string_agg(s.feature, ', ') AS text,
+               count(*) FILTER (WHERE s.dataset = 'inc' AND s.normalized_status = 'open') AS inc_open,
+               count(*) FILTER (WHERE s.dataset = 'inc' AND s.normalized_status = 'closed') AS inc_closed,
+               count(*) FILTER (WHERE s.dataset = 'crq' AND s.normalized_status = 'open') AS crq_open,
+               count(*) FILTER (WHERE s.dataset = 'crq' AND s.normalized_status = 'closed') AS crq_closed
+        FROM shown s
     ), counts AS MATERIALIZED (
-        SELECT f.dataset, coalesce(f.normalized_status, 'unknown') AS status, count(*) AS n,
-               count(*) FILTER (WHERE f.normalized_status = 'open' AND NOT f.mapped) AS unmapped
-        FROM tickets.ticket_features f GROUP BY 1, 2
-    ), on_map AS MATERIALIZED (
-        SELECT s.dataset, coalesce(s.normalized_status, 'unknown') AS status, count(*) AS n
-        FROM shown s GROUP BY 1, 2
+        -- As 0005: index-only scans of the ticket tables (inc_status_idx and the partial
+        -- indexes of open tickets without a point).
+        SELECT 'inc' AS dataset, coalesce(normalized_status, 'unknown') AS status, count(*) AS n, 0 AS unmapped
+        FROM tickets.inc GROUP BY 2
+        UNION ALL
+        SELECT 'crq', coalesce(normalized_status, 'unknown'), count(*), 0 FROM tickets.crq GROUP BY 2
+        UNION ALL
+        SELECT 'inc', NULL, 0, count(*) FROM tickets.inc WHERE normalized_status = 'open' AND geom IS NULL
+        UNION ALL
+        SELECT 'crq', NULL, 0, count(*) FROM tickets.crq WHERE normalized_status = 'open' AND geom IS NULL
+    ), on_map AS (
+        SELECT m.dataset, m.status, m.n
+        FROM features f
+        CROSS JOIN LATERAL (VALUES ('inc', 'open', f.inc_open), ('inc', 'closed', f.inc_closed),
+                                   ('crq', 'open', f.crq_open), ('crq', 'closed', f.crq_closed)) m(dataset, status, n)
+        WHERE m.n > 0
     ), summary AS (
         SELECT jsonb_object_agg(d.dataset, jsonb_build_object(
                    'total', coalesce((SELECT sum(n) FROM counts c WHERE c.dataset = d.dataset), 0),
                    'by_status', coalesce((SELECT jsonb_object_agg(c.status, c.n ORDER BY c.status)
-                                          FROM counts c WHERE c.dataset = d.dataset), '{}'::jsonb),
+                                          FROM counts c WHERE c.dataset = d.dataset AND c.status IS NOT NULL),
+                                         '{}'::jsonb),
                    'on_map', coalesce((SELECT sum(m.n) FROM on_map m WHERE m.dataset = d.dataset), 0),
                    'on_map_by_status', coalesce((SELECT jsonb_object_agg(m.status, m.n ORDER BY m.status)
                                                  FROM on_map m WHERE m.dataset = d.dataset), '{}'::jsonb),
@@ -292,11 +346,11 @@ AS $$
     -- copies each part once (a chain of || copies the growing document at every step).
     SELECT concat('{"type": "FeatureCollection", "summary": ',
                   (summary.doc || jsonb_build_object('freshness', fresh.doc))::text,
-                  ', "features": [', (SELECT string_agg(s.feature, ', ') FROM shown s),
+                  ', "features": [', features.text,
                   '], "freshness": ', fresh.doc::text,
                   ', "closed_since": ', to_jsonb(now() - interval '24 hours')::text,
                   ', "generated_at": ', to_jsonb(now())::text, '}')::json
-    FROM summary, fresh
+    FROM summary, fresh, features
 $$;
 
 COMMENT ON FUNCTION reporting.fn_tickets_for_map() IS
@@ -366,36 +420,41 @@ BEGIN
             SELECT f.ticket_id, f.owner, f.assigned_team, f.clock, f.mapped, f.open_parts,
                    reporting.sla_state(f.clock, now()) AS sla_state
             FROM tickets.ticket_features f
-            WHERE v_open AND f.dataset = 'inc' AND f.normalized_status = 'open'
+            WHERE v_open AND f.shelf = 'open' AND f.dataset = 'inc'
               AND (v_cluster IS NULL OR f.cluster = v_cluster)
               AND (v_sla IS NULL OR reporting.sla_state(f.clock, now()) = v_sla)
             ORDER BY f.clock, f.ticket_id
         ), c AS MATERIALIZED (
             SELECT f.ticket_id, f.owner, f.assigned_team, f.mttr_minutes, f.sla_status, f.closed_feature
             FROM tickets.ticket_features f
-            WHERE v_closed AND f.dataset = 'inc' AND f.normalized_status = 'closed'
+            WHERE v_closed AND f.shelf = 'closed' AND f.dataset = 'inc'
               AND f.closed_at >= v_from AND f.closed_at < v_to
               AND (v_cluster IS NULL OR f.cluster = v_cluster)
             ORDER BY f.closed_at DESC, f.ticket_id
-        ), u AS (
-            SELECT 'open' AS kind, o.owner, o.assigned_team, o.sla_state, NULL::int AS minutes,
-                   NULL::text AS sla_status
-            FROM o
-            UNION ALL
-            SELECT 'closed', c.owner, c.assigned_team, NULL, c.mttr_minutes, c.sla_status FROM c
         ), breakdown AS (
-            -- One pass over u for both breakdowns; GROUPING tells the two sets apart
-            -- (a NULL owner or team is a real group, not the other set's rows).
-            SELECT CASE WHEN GROUPING(u.owner) = 0 THEN 'owner' ELSE 'assigned_team' END AS dim,
-                   coalesce(u.owner, u.assigned_team) AS k,
-                   count(*) FILTER (WHERE kind = 'open') AS open,
-                   count(*) FILTER (WHERE sla_state = 'breached') AS breached,
-                   count(*) FILTER (WHERE sla_state = 'at_risk') AS at_risk,
-                   count(*) FILTER (WHERE kind = 'closed') AS closed,
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY minutes) AS mttr_median,
-                   100.0 * count(*) FILTER (WHERE sla_status = 'met')
-                       / nullif(count(*) FILTER (WHERE sla_status IS NOT NULL), 0) AS compliance
-            FROM u GROUP BY GROUPING SETS ((u.owner), (u.assigned_team))
+            -- Open and closed tickets grouped apart, then put together: the open side's
+            -- counts hash, and only the closed side (its percentile) needs sorting.
+            -- GROUPING tells the two sets apart (a NULL owner or team is a real group).
+            SELECT x.dim, x.k, sum(x.open) AS open, sum(x.breached) AS breached, sum(x.at_risk) AS at_risk,
+                   sum(x.closed) AS closed, max(x.mttr_median) AS mttr_median, max(x.compliance) AS compliance
+            FROM (
+                SELECT CASE WHEN GROUPING(o.owner) = 0 THEN 'owner' ELSE 'assigned_team' END AS dim,
+                       coalesce(o.owner, o.assigned_team) AS k,
+                       count(*) AS open,
+                       count(*) FILTER (WHERE o.sla_state = 'breached') AS breached,
+                       count(*) FILTER (WHERE o.sla_state = 'at_risk') AS at_risk,
+                       0 AS closed, NULL::float8 AS mttr_median, NULL::numeric AS compliance
+                FROM o GROUP BY GROUPING SETS ((o.owner), (o.assigned_team))
+                UNION ALL
+                SELECT CASE WHEN GROUPING(c.owner) = 0 THEN 'owner' ELSE 'assigned_team' END,
+                       coalesce(c.owner, c.assigned_team),
+                       0, 0, 0, count(*),
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY c.mttr_minutes),
+                       100.0 * count(*) FILTER (WHERE c.sla_status = 'met')
+                           / nullif(count(*) FILTER (WHERE c.sla_status IS NOT NULL), 0)
+                FROM c GROUP BY GROUPING SETS ((c.owner), (c.assigned_team))
+            ) x
+            GROUP BY x.dim, x.k
         ), open_counts AS (
             -- One pass over o for all its counts (0005 scanned it once per figure).
             SELECT count(*) AS open, count(*) FILTER (WHERE NOT o.mapped) AS unmapped,

@@ -214,3 +214,22 @@ async def test_summary_freshness_is_where_the_dashboards_read_it(loaded: asyncpg
         )
         == "json json"
     )
+
+
+async def test_the_map_sorts_by_ord_when_every_id_is_the_feeds(loaded: asyncpg.Connection) -> None:
+    """With only feed-shaped ids (3 capitals, 12 digits) the map sorts one bigint (ord);
+    ord must order exactly as the bytes of (dataset, ticket_id) do."""
+    conn = loaded
+    await conn.execute("DELETE FROM tickets.inc WHERE ticket_id LIKE 'E-%'")
+    await conn.execute("DELETE FROM tickets.crq WHERE ticket_id LIKE 'E-%'")
+    await put(conn, "ZZZ999999999999", normalized_status="closed", closed_at=ago("3 hours"))
+    await put(conn, "AAA000000000000", table="tickets.crq")
+    await set_point(conn, "ZZZ999999999999")
+    await set_point(conn, "AAA000000000000", table="tickets.crq")
+    assert await conn.fetchval("SELECT count(*) FROM tickets.ticket_features WHERE ord IS NULL") == 0
+    by_ord = await conn.fetch("SELECT dataset, ticket_id FROM tickets.ticket_features ORDER BY ord")
+    by_bytes = await conn.fetch(
+        'SELECT dataset, ticket_id FROM tickets.ticket_features ORDER BY dataset COLLATE "C", ticket_id COLLATE "C"'
+    )
+    assert [tuple(r) for r in by_ord] == [tuple(r) for r in by_bytes]
+    await assert_same(conn)

@@ -1,4 +1,4 @@
-"""Benchmark of the read side (issue 5): both reporting functions over ~100k INC tickets.
+"""Benchmark of the read side (issues 5 and 13): both reporting functions over ~100k INC tickets.
 
 For each data profile, creates a scratch database, migrates it with the project's
 migrations, loads synthetic tickets from fleetticketsd.feedgen (INC ~100k after the
@@ -6,16 +6,25 @@ alarm rows are dropped, CRQ ~14k), gives ~90% of them a point, and then times
 
   reporting.fn_tickets_for_map()
   reporting.fn_inc_dashboard()              (and with a cluster, status or 24 h window filter)
-  tickets.capture_history()                 (the per-file hook, after a 50-row delta)
 
-several times each (median against the 300 ms target), and prints the nested plans'
-scan nodes from auto_explain (EXPLAIN ANALYZE, BUFFERS) to show which indexes are used.
-The databases are dropped at the end, also on failure.
+as the client receives them (median of --runs against issue 13's targets: the map and
+the default dashboard within 300 ms at the backlog profile, 100 ms at the settled one),
+and the history's cost per INC file and per pass:
 
-The payload is what costs, not the 100k: the scans take tens of ms; building the
-GeoJSON, turning it into jsonb and sending it take ~30 ms per MB. So the figures depend
-on how many tickets are open or were closed in the window, which FEED.md does not
-state. Two profiles bracket it:
+  tickets.capture_history()                 after a 50-row delta, inside a drain pass (what
+                                            each file pays now) and outside one (what each
+                                            file paid before 0009: the recounts and the
+                                            backlog snapshot on every file)
+  tickets.capture_history_pass()            once at the end of every pass
+  a 50-row write with and without the triggers that prepare the features (0009)
+
+and prints the nested plans' scan nodes from auto_explain (EXPLAIN ANALYZE, BUFFERS) for
+the settled profile. The databases are dropped at the end, also on failure.
+
+The payload is what costs, not the 100k: since 0009 the features are prepared when a
+ticket is written and the documents are concatenated from them, so the figures follow
+how many tickets are open or were closed in the window, which FEED.md does not state.
+Two profiles bracket it:
 
   settled  100k tickets as a system with a working queue accumulates them: created at
            the rate of FEED.md's baseline (~35k rows, ~24.5k after alarms, taken as 21
@@ -24,13 +33,12 @@ state. Two profiles bracket it:
            passed: ~1.4k open, ~8k closed in the last 7 days.
   backlog  the sample's picture: its baseline is entirely open (first seen over 20 days)
            and its closures took 7-19 days. A whole baseline open (~24.5k INC) among
-           100k tickets created over 42 days: ~12k closed in the last 7 days.
+           100k tickets created over 42 days: ~15k closed in the last 7 days.
 
-The "jsonb floor" column is the least any jsonb-returning function can take for that
-payload: parsing the finished document, already in memory as text, into jsonb and
-sending it to the client (what is left of the call once building is free).
+The "send floor" column is the least any function returning that payload can take:
+sending the finished document, already in memory as text, to the client.
 
-    /work/venv/bin/python bench/read_side.py [--profile settled|backlog|both] [--inc-rows N] [--runs N]
+    .venv/bin/python bench/read_side.py [--profile settled|backlog|both] [--inc-rows N] [--runs N]
 """
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ CREATE TABLE IF NOT EXISTS tickets.ticket_features_closed PARTITION OF tickets.t
     FOR VALUES IN ('closed');
 CREATE TABLE IF NOT EXISTS tickets.ticket_features_other PARTITION OF tickets.ticket_features DEFAULT;
 CREATE INDEX IF NOT EXISTS ticket_features_closed_at_idx ON tickets.ticket_features (closed_at);
-CREATE INDEX IF NOT EXISTS ticket_features_clock_idx ON tickets.ticket_features (dataset, clock);
 -- Whether any ticket has no ord (the map's sort then compares the ids themselves).
 CREATE INDEX IF NOT EXISTS ticket_features_unordered_idx ON tickets.ticket_features (dataset) WHERE ord IS NULL;
 
@@ -164,9 +163,11 @@ LANGUAGE sql STABLE SET TimeZone = 'UTC' AS $$
 $$;
 
 -- The trigger: one set-based statement per write statement, over its transition
--- tables, so the cost follows the rows written. TG_ARGV[0] is the dataset.
+-- tables, so the cost follows the rows written. TG_ARGV[0] is the dataset. It runs as
+-- its owner: whoever may write a ticket table keeps its features current without a
+-- grant on tickets.ticket_features (search_path pinned below, as 0006 requires).
 CREATE OR REPLACE FUNCTION tickets.ticket_features_sync() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM tickets.ticket_features WHERE dataset = TG_ARGV[0];

@@ -156,10 +156,14 @@ LANGUAGE sql STABLE SET TimeZone = 'UTC' AS $$
                       + (ascii(substr(p_ticket_id, 2, 1)) - 65) * 26
                       + (ascii(substr(p_ticket_id, 3, 1)) - 65)) * 1000000000000::bigint
                      + substr(p_ticket_id, 4)::bigint END
-    FROM (SELECT coalesce(p_created, p_first_seen) AS clock,
-                 coalesce(p_mttr, round(extract(epoch FROM p_closed_at - coalesce(p_created, p_first_seen)) / 60)::int)
-                     AS minutes,
-                 ST_AsGeoJSON(p_geom, 6)::jsonb AS geometry) k
+    FROM (SELECT e.clock,
+                 -- A closure time no integer of minutes can hold (year 9999, say) has no
+                 -- duration here: a ticket write must not fail over a figure.
+                 coalesce(p_mttr, CASE WHEN abs(e.minutes) <= 2147483647 THEN e.minutes::int END) AS minutes,
+                 ST_AsGeoJSON(p_geom, 6)::jsonb AS geometry
+          FROM (SELECT coalesce(p_created, p_first_seen) AS clock,
+                       round(extract(epoch FROM p_closed_at - coalesce(p_created, p_first_seen)) / 60) AS minutes) e
+         ) k
 $$;
 
 -- The trigger: one set-based statement per write statement, over its transition

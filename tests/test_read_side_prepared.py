@@ -229,7 +229,8 @@ async def test_the_map_sorts_by_ord_when_every_id_is_the_feeds(loaded: asyncpg.C
     assert await conn.fetchval("SELECT count(*) FROM tickets.ticket_features WHERE ord IS NULL") == 0
     by_ord = await conn.fetch("SELECT dataset, ticket_id FROM tickets.ticket_features ORDER BY ord")
     by_bytes = await conn.fetch(
-        'SELECT dataset, ticket_id FROM tickets.ticket_features ORDER BY dataset COLLATE "C", ticket_id COLLATE "C"'
+        "SELECT dataset, ticket_id FROM tickets.ticket_features"
+        ' ORDER BY dataset COLLATE "C", ticket_id COLLATE "C"'
     )
     assert [tuple(r) for r in by_ord] == [tuple(r) for r in by_bytes]
     await assert_same(conn)

@@ -85,6 +85,16 @@ PROFILES = {
 
 
 RESULTS: dict[str, dict[str, float]] = {}
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def reference_functions() -> str:
+    """0005's two reporting functions as reporting.ref_map / reporting.ref_dashboard (as
+    tests/test_read_side_prepared.py uses them): the read side before 0009."""
+    sql = (MIGRATIONS / "0005_read_side_speed.sql").read_text()
+    blocks = re.findall(r"CREATE OR REPLACE FUNCTION reporting\.fn_\w+\(.*?\n\$\$;\n", sql, re.S)
+    out = "\n".join(blocks).replace("reporting.fn_tickets_for_map()", "reporting.ref_map()")
+    return out.replace("reporting.fn_inc_dashboard(", "reporting.ref_dashboard(")
 
 
 class Rollback(Exception):
@@ -300,6 +310,23 @@ async def run(conn: asyncpg.Connection, args: argparse.Namespace, profile: Profi
         floor, _ = await timed(lambda: conn.fetchval("SELECT p FROM floor_payload"), args.runs)
         results.append((label, times, statistics.median(floor), len(payload), features))
 
+    # Before and after in the same run, alternated so both see the same load: 0005's
+    # definitions (what the functions were before 0009) under other names.
+    await conn.execute(reference_functions())
+    before_after = []
+    for label, new_sql, old_sql in [
+        ("fn_tickets_for_map()", cases[0][1], "SELECT reporting.ref_map()::text"),
+        ("fn_inc_dashboard()", cases[1][1], "SELECT reporting.ref_dashboard()::text"),
+    ]:
+        new_ms, old_ms = [], []
+        await conn.fetchval(old_sql)  # warm
+        for _ in range(args.runs):
+            for sql, out in ((new_sql, new_ms), (old_sql, old_ms)):
+                t = time.perf_counter()
+                await conn.fetchval(sql)
+                out.append((time.perf_counter() - t) * 1000)
+        before_after.append((label, statistics.median(old_ms), statistics.median(new_ms)))
+
     # The hook runs inside every INC file's transaction: its cost is added to each file.
     # Inside a drain pass (the session says so) it records the file's closures and notes
     # its days; outside one it also recounts them and captures today's backlog, which is
@@ -369,6 +396,11 @@ async def run(conn: asyncpg.Connection, args: argparse.Namespace, profile: Profi
         ("50-row write without them", without),
     ]:
         print(f"{label:<56} {statistics.median(times):>8.1f} ms (min {min(times):.1f}, max {max(times):.1f})")
+    for label, old_ms, new_ms in before_after:
+        print(
+            f"{label + ' before 0009 -> now (alternated)':<56} {old_ms:>8.1f} -> {new_ms:.1f} ms"
+            f" ({old_ms / new_ms:.1f}x)"
+        )
     RESULTS[profile.name] = {
         "map": statistics.median(results[0][1]),
         "dashboard": statistics.median(results[1][1]),

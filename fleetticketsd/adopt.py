@@ -136,7 +136,10 @@ LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
-# Relations and functions that belong to an extension (PostGIS's, say) never move.
+# Relations and functions that belong to an extension (PostGIS's, say) never move, nor
+# do those that move with their owner (a column's sequence). A partitioned table's
+# dependency on its own partition key, and a partition's on its parent, do not count:
+# each partition is a table of its own and moves on its own (0009's ticket_features).
 RELATIONS_IN = """
 SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name, c.relkind::text AS kind,
        format('%I.%I', n.nspname, c.relname) AS qualified
@@ -144,7 +147,9 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                    AND d.deptype IN ('e', 'a', 'i'))
+                    AND d.deptype IN ('e', 'a', 'i')
+                    AND NOT (d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid)
+                    AND NOT (c.relispartition AND d.deptype = 'a' AND d.refclassid = 'pg_class'::regclass))
 ORDER BY n.nspname, c.relname
 """
 FUNCTIONS_IN = """

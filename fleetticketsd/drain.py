@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from . import ledger, replay
+from . import history, ledger, replay
 from .apply import FileResult, apply_file
 from .config import Config, DatasetConfig
 from .dbguard import DatabaseFault, acquire, describe, end_session, is_read_only, session_ended
@@ -196,7 +196,9 @@ async def drain(
                             if not session_ended(conn):
                                 await tx.rollback()
                     else:
+                        await history.begin_pass(conn, dataset)
                         await _pass(engine, conn, dataset, report, dry_run, reseed_from, progress, stop)
+                        await history.end_pass(conn, dataset)
                 except BaseException:
                     # A pass that stops on an error may stop mid-statement. Ending the
                     # session (not unlocking it and handing it back to the pool as it is)

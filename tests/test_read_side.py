@@ -7,7 +7,9 @@ History is driven through the real engine where it matters (re-applied and late 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -15,13 +17,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd import db
+from fleetticketsd import db, history
 from fleetticketsd.config import Config
 from fleetticketsd.drain import Engine, drain
 from fleetticketsd.metrics import Metrics
 from fleetticketsd.source import S3Source
 
-from .conftest import Bucket, csv_file, inc_key, row
+from .conftest import PG_ADMIN_URL, Bucket, csv_file, inc_key, row, run_cli
 
 # An EAT wall-clock string for now() minus an interval, as the feed writes it (with
 # microseconds, which tickets.eat_ts accepts), so the typed column is exactly that instant.
@@ -308,6 +310,133 @@ async def test_dry_run_leaves_no_history(
     assert report.ok
     assert await conn.fetchval("SELECT count(*) FROM tickets.closure_events") == 0
     assert await conn.fetchval("SELECT count(*) FROM tickets.inc_daily_snapshot") == 0
+
+
+HISTORY_DATASETS = {
+    "inc": {"prefix": "automations/inc/", "table": "tickets.inc", "post_apply": ["capture_history"]},
+    "crq": {"prefix": "automations/crq/", "table": "tickets.crq"},
+}
+
+
+async def snapshot_days(conn: asyncpg.Connection) -> dict[date, asyncpg.Record]:
+    return {r["day"]: r for r in await conn.fetch("SELECT * FROM tickets.inc_daily_snapshot ORDER BY day")}
+
+
+async def test_a_pass_without_files_writes_todays_snapshot(
+    history_engine: Engine, conn: asyncpg.Connection
+) -> None:
+    """The loader wrote today's row on every run; so does every pass, with no file to
+    apply. Breaches that come with the passing of time are counted; and no row is made
+    up for the days between the tickets' clocks and today (nobody observed them)."""
+    await put(conn, "OPEN-OK", created_at_service=ago("2 hours"))
+    await put(conn, "OPEN-RISK", created_at_service=ago("40 hours"))
+    await put(conn, "OPEN-BREACHED", created_at_service=ago("5 days"))
+    await put(conn, "CLOSED", normalized_status="closed", created_at_service=ago("9 days"))
+    assert await snapshot_days(conn) == {}
+    report = await drain(history_engine, history_engine.config.dataset("inc"))
+    assert report.ok and report.files_applied == 0
+    today = await conn.fetchval("SELECT reporting.eat_day(now())")
+    days = await snapshot_days(conn)
+    assert list(days) == [today]
+    row_today = days[today]
+    assert (row_today["open_backlog"], row_today["breached"], row_today["at_risk"]) == (3, 1, 1)
+    first_capture = row_today["captured_at"]
+    assert first_capture is not None
+    # The session's deferral ended with the pass.
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc_history_days") == 0
+
+    # Another pass without files: the same row, captured again.
+    await put(conn, "OPEN-NEW", created_at_service=ago("1 minute"))
+    assert (await drain(history_engine, history_engine.config.dataset("inc"))).ok
+    days = await snapshot_days(conn)
+    assert list(days) == [today] and days[today]["open_backlog"] == 4
+    assert days[today]["captured_at"] > first_capture
+    # A dataset without the hook gets no history pass.
+    assert (await drain(history_engine, history_engine.config.dataset("crq"))).ok
+    assert list(await snapshot_days(conn)) == [today]
+
+
+def test_drain_command_writes_todays_snapshot(cli_env: Callable[..., dict[str, str]], db_url: str) -> None:
+    """`fleetticketsd drain` runs the same pass (the daemon's passes are tested above)."""
+    res = run_cli("drain", env=cli_env(datasets=HISTORY_DATASETS))
+    assert res.returncode == 0, res.stderr
+
+    async def check() -> tuple[int, int]:
+        c = await asyncpg.connect(db_url)
+        try:
+            row = await c.fetchrow(
+                "SELECT count(*) AS days, count(*) FILTER (WHERE day = reporting.eat_day(now())"
+                " AND open_backlog = 0 AND captured_at IS NOT NULL) AS today FROM tickets.inc_daily_snapshot"
+            )
+            assert row is not None
+            return row["days"], row["today"]
+        finally:
+            await c.close()
+
+    assert asyncio.run(check()) == (1, 1)
+
+
+async def test_per_file_hook_leaves_the_recount_to_the_pass_end(conn: asyncpg.Connection) -> None:
+    """Inside a pass, capture_history() records the file's closures and notes its days;
+    capture_history_pass() recounts them (a late file closing an earlier day included)."""
+    await conn.execute(history.BEGIN_PASS)
+    async with conn.transaction():
+        await put(conn, "C-EARLIER", normalized_status="closed", created_at_service="2026-06-19 10:00:00",
+                  closed_at="2026-06-20 12:00:00", mttr="1560")  # fmt: skip
+        await put(conn, "O-1", created_at_service="2026-06-21 09:00:00")
+        await conn.execute("SELECT tickets.capture_history()")
+    assert [r["ticket_id"] for r in await conn.fetch("SELECT ticket_id FROM tickets.closure_events")] == [
+        "C-EARLIER"
+    ]
+    assert await snapshot_days(conn) == {}
+    noted = {r["day"] for r in await conn.fetch("SELECT day FROM tickets.inc_history_days")}
+    assert noted == {date(2026, 6, 19), date(2026, 6, 20), date(2026, 6, 21)}
+    assert await conn.fetchval("SELECT tickets.history_deferred()") is True
+
+    await conn.execute("SELECT tickets.capture_history_pass()")
+    today = await conn.fetchval("SELECT reporting.eat_day(now())")
+    days = await snapshot_days(conn)
+    assert {d: (r["opened"], r["closed"]) for d, r in days.items() if d != today} == {
+        date(2026, 6, 19): (1, 0),
+        date(2026, 6, 20): (0, 1),
+        date(2026, 6, 21): (1, 0),
+    }
+    assert days[today]["open_backlog"] == 1 and days[date(2026, 6, 20)]["open_backlog"] is None
+    assert await conn.fetchval("SELECT count(*) FROM tickets.inc_history_days") == 0
+    assert await conn.fetchval("SELECT tickets.history_deferred()") is False
+
+
+async def test_reader_role_without_the_ledger_gets_both_documents(
+    conn: asyncpg.Connection, db_url: str
+) -> None:
+    """The dashboards' reader cannot read the ledger (tickets.ingest_files); freshness
+    and the two documents run as their owner (SECURITY DEFINER, pinned search_path)."""
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await conn.execute(f"GRANT USAGE ON SCHEMA tickets, reporting TO {role}")
+        await conn.execute("REVOKE ALL ON tickets.ingest_files FROM PUBLIC")
+        await put(conn, "R-1", created_at_service=ago("3 hours"))
+        await set_point(conn, "R-1")
+        reader = await asyncpg.connect(db_url.replace("postgres@", f"{role}@"))
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.fetchval("SELECT count(*) FROM tickets.ingest_files")
+            await reader.execute("SET search_path = ''")
+            m = json.loads(await reader.fetchval("SELECT reporting.fn_tickets_for_map()::text"))
+            d = json.loads(await reader.fetchval("SELECT reporting.fn_inc_dashboard()::text"))
+        finally:
+            await reader.close()
+        assert [f["id"] for f in m["features"]] == ["R-1"] and set(m["summary"]["freshness"]) == {
+            "inc",
+            "crq",
+        }
+        assert d["metrics"]["open"] == 1
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
 
 
 # --------------------------------------------------------------------------- map

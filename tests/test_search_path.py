@@ -76,6 +76,8 @@ ALLOWLIST: dict[str, tuple[str, Any]] = {
         "reporting.eat_day_start('2026-06-21')",
         datetime(2026, 6, 20, 21, tzinfo=UTC),
     ),
+    # per feature of every map and dashboard call (0009)
+    "reporting.json_state(text)": ("reporting.json_state('at_risk')", '"at_risk"'),
     "reporting.key_time(text)": (
         "reporting.key_time('automations/inc/changes/2026-06-22T15-50-39.csv')",
         datetime(2026, 6, 22, 12, 50, 39, tzinfo=UTC),

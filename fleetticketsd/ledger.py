@@ -53,6 +53,22 @@ SET metadata = CASE
     updated_at = now()
 WHERE dataset = $1
 """
+# A file's ledger row and the watermark advance (as the two statements above), in one
+# statement: the apply path pays one round trip for both. Data-modifying CTEs always
+# run to completion, whatever the outer statement reads of them.
+RECORD_APPLIED = (
+    """
+WITH recorded AS (
+    INSERT INTO tickets.ingest_files
+        (dataset, key, etag, status, size_bytes, rows_read, rows_inserted, rows_updated,
+         rows_unchanged, rows_rejected, late, error)
+    VALUES ($1, $2, $3, 'applied', $4, $5, $6, $7, $8, $9, $10, NULL)
+    ON CONFLICT (dataset, key, etag) DO UPDATE
+        SET status = EXCLUDED.status, error = EXCLUDED.error, applied_at = now()
+    RETURNING 1
+)"""
+    + ADVANCE_WATERMARK
+)
 SET_BLOCKED = """
 UPDATE tickets.import_meta
 SET blocked_key = $2, blocked_etag = $3, blocked_reason = $4, blocked_line = $5,

@@ -72,6 +72,11 @@ class Prefetcher:
         async with self._source.open(f, self._chunk_bytes) as chunks:
             return b"".join([c async for c in chunks])
 
+    def ready(self, f: ChangeFile) -> bool:
+        """Whether ``f``'s fetch has finished (its bytes, or its error, are here)."""
+        task = self._tasks.get(f.key)
+        return task is not None and task.done()
+
     @contextlib.asynccontextmanager
     async def open(self, f: ChangeFile) -> AsyncIterator[AsyncIterator[bytes]]:
         """The file's bytes: from the prefetch if it got them, else streamed now."""

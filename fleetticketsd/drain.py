@@ -33,7 +33,7 @@ from .dbguard import DatabaseFault, acquire, describe, end_session, guarded, is_
 from .feed import BadFile, file_name, key_timestamp
 from .ledger import Blocked
 from .metrics import Metrics
-from .pipeline import Archiver, Prefetcher
+from .pipeline import Archiver, Deletes, Prefetcher
 from .s3errors import futile
 from .source import ChangeFile, S3Source, SourceError
 
@@ -331,8 +331,10 @@ async def _pass(
     # Files an earlier pass decided on but did not get to move (semantic 3) go first,
     # then each file this pass applies, right after its commit.
     decided_now = {f.key: entry for f, entry in decided}
+    deletes = Deletes(engine.source.delete_many)
     archiver = Archiver(
-        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key)), ingest.archive_concurrency
+        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key), deletes),
+        ingest.archive_concurrency,
     )
     for f, _ in decided:
         archiver.submit(f)
@@ -401,6 +403,7 @@ async def _pass(
     finally:
         await prefetch.close()
         archiver_failed = await archiver.wait()
+        await deletes.close()
         m.archive_pending.labels(dataset.name).set(archiver_failed)
     if not dry_run:
         m.dataset_blocked.labels(dataset.name).set(0)
@@ -459,12 +462,14 @@ class _Batch:
         if self._tx is None:
             return []
         tx, self._tx = self._tx, None
+        at_key = report.at_key
         if self._files:
             # Until the commit answers, every file of the batch is undecided: a failure
             # names the first (the ledger decides them all on the next pass).
             report.at_key = self._files[0].file.key
         async with guarded(self._conn):
             await tx.commit()
+        report.at_key = at_key
         done, self._files = self._files, []
         return done
 
@@ -657,7 +662,11 @@ async def _bad_file(
 
 
 async def _finish_move(
-    engine: Engine, dataset: DatasetConfig, f: ChangeFile, entry: ledger.LedgerEntry | None
+    engine: Engine,
+    dataset: DatasetConfig,
+    f: ChangeFile,
+    entry: ledger.LedgerEntry | None,
+    deletes: Deletes,
 ) -> bool:
     """Move a decided file out of changes/. ``entry`` is its ledger row if an earlier
     pass decided it (then nothing is applied again), None if this pass applied it."""
@@ -665,7 +674,7 @@ async def _finish_move(
         if entry is None or entry.status == "applied":
             if entry is not None:
                 log.info("already applied; archiving only")
-            return await _archive(engine, dataset, f)
+            return await _archive(engine, dataset, f, deletes)
         log.info("already set aside; back to quarantine/", status=entry.status)
         try:
             await engine.source.quarantine(
@@ -678,11 +687,15 @@ async def _finish_move(
             return False
 
 
-async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile) -> bool:
+async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile, deletes: Deletes) -> bool:
     # The file is committed; a failure here only delays the move to the next pass,
-    # which finds it in the ledger and archives it without re-applying.
+    # which finds it in the ledger and archives it without re-applying. The copy is
+    # pinned to the applied version; the delete follows it within one request's time
+    # (batched with its neighbours'), as it followed a single copy before.
     try:
-        moved = await engine.source.archive(dataset, f)
+        moved = await engine.source.copy_to_processed(dataset, f)
+        if moved:
+            await deletes.delete(f.key)
     except SourceError as exc:
         engine.metrics.poll_failures.labels(dataset.name, "archive").inc()
         log.warning("archive failed; next pass retries it", error=str(exc))

@@ -82,27 +82,41 @@ SET blocked_key = NULL, blocked_etag = NULL, blocked_reason = NULL, blocked_line
     updated_at = now()
 WHERE dataset = $1 AND ($2::text IS NULL OR blocked_key = $2)
 """
+# Observations only (what a listing saw, how a pass ended) commit without waiting for
+# the WAL flush: ~4 ms each, twice a pass, more than the database work of a 1-row
+# delta. A server crash can lose the last one; nothing decides what to apply from
+# them, and the next pass writes them again. set_config(..., true) lasts until the
+# end of the statement's own transaction, so it covers exactly this commit.
+_NO_FLUSH = "WITH no_flush AS (SELECT set_config('synchronous_commit', 'off', true))"
 # What the last listing saw, for status readers (dashboards) that cannot list S3.
-RECORD_SOURCE_SEEN = """
+RECORD_SOURCE_SEEN = (
+    _NO_FLUSH
+    + """
 UPDATE tickets.import_meta
 SET metadata = metadata || jsonb_build_object(
         'newest_key', $2::text, 'pending_files', $3::int, 'source_checked_at', now()),
     updated_at = now()
+FROM no_flush
 WHERE dataset = $1
 """
+)
 # The last drain listing's view of one dataset, net of the files applied since: the
 # dashboards' freshness (migrations/0004_read_side.sql), for `status` while S3 is down.
 LAST_LISTING = "SELECT reporting.fn_freshness() -> $1::text"
 # How the last pass ended, for `status` on a terminal and for dashboards.
-RECORD_PASS = """
+RECORD_PASS = (
+    _NO_FLUSH
+    + """
 UPDATE tickets.import_meta
 SET metadata = metadata || jsonb_build_object(
         'last_pass_at', now(), 'last_pass_outcome', $2::text, 'last_pass_files', $3::int)
         || CASE WHEN $2::text = 'ok' THEN jsonb_build_object('last_success_at', now())
                 ELSE jsonb_build_object() END,
     updated_at = now()
+FROM no_flush
 WHERE dataset = $1
 """
+)
 RESEED = """
 WITH gone AS (DELETE FROM tickets.ingest_files WHERE dataset = $1)
 UPDATE tickets.import_meta

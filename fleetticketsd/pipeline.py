@@ -132,3 +132,53 @@ class Archiver:
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         return sum(1 for r in results if r is not True)
+
+
+class Deletes:
+    """Deletes of archived originals, coalesced into DeleteObjects requests.
+
+    Each caller awaits its own key. The first key goes at once, alone; keys that
+    arrive while a request is in flight go together in the next one (up to 1,000):
+    a catch-up pays one delete request per batch of moves instead of one per file,
+    and no delete waits longer than the request ahead of it. A failed key raises
+    SourceError for its caller only.
+    """
+
+    MAX_KEYS = 1000  # S3's limit per DeleteObjects
+
+    def __init__(self, delete_many: Callable[[list[str]], Awaitable[dict[str, SourceError]]]) -> None:
+        self._delete_many = delete_many
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._runner: asyncio.Task[None] | None = None
+
+    async def delete(self, key: str) -> None:
+        fut = self._waiting.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting[key] = fut
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="archive deletes")
+        await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        while self._waiting:
+            keys = list(self._waiting)[: self.MAX_KEYS]
+            batch = {k: self._waiting.pop(k) for k in keys}
+            try:
+                failed = await self._delete_many(keys)
+            except Exception as exc:
+                for fut in batch.values():
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for key, fut in batch.items():
+                if fut.done():
+                    continue
+                if key in failed:
+                    fut.set_exception(failed[key])
+                else:
+                    fut.set_result(None)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)

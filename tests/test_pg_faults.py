@@ -91,7 +91,11 @@ CREATE CONSTRAINT TRIGGER fleet_test_stall AFTER INSERT ON tickets.ingest_files
 """,
 }
 # What the drain's backend runs at each moment (pg_stat_activity.query).
-STATEMENT = {"copy": "COPY %fleet_incoming%", "upsert": "%DELETE FROM pg_temp.fleet_incoming RETURNING%", "commit": "COMMIT%"}
+STATEMENT = {
+    "copy": "COPY %fleet_incoming%",
+    "upsert": "%DELETE FROM pg_temp.fleet_incoming RETURNING%",
+    "commit": "COMMIT%",
+}
 
 
 async def _sql(url: str, sql: str, *args: Any) -> Any:
@@ -417,10 +421,10 @@ async def test_a_batch_commit_whose_reply_is_lost_is_decided_by_the_ledger_file_
     keys = [inc_key(f"2026-06-22T10-0{i}-00.csv") for i in range(6)]
     for i, key in enumerate(keys):
         bucket.put(key, csv_file(row(f"T{i}"), row(f"U{i}")))
-    report, logs, again, again_logs, engine = await lost_commit_pass(config, bucket, db_url, 32)
+    report, _, again, again_logs, _ = await lost_commit_pass(config, bucket, db_url, 32)
     assert report.failed is not None and "connection lost" in report.failed, report
     assert report.files_applied == 0  # none heard committed, none counted
-    rows, ledger = await table_and_ledger(db_url)
+    _, ledger = await table_and_ledger(db_url)
     first = len(ledger)
     print(f"\nfiles in the cut batch: {first}")
     assert first >= 1 and [k for k, _ in ledger] == keys[:first]  # a prefix, each file whole

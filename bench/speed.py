@@ -56,6 +56,7 @@ from fleetticketsd.drain import Engine, drain
 from fleetticketsd.metrics import Metrics
 from fleetticketsd.source import S3Source
 
+DISTINCT_SHARE = 0.7035  # distinct tickets per row of feedgen's baseline (seed 11)
 SHIPPED_POST_APPLY = ["capture_history"]  # config.toml's [datasets.inc]
 EMPTY_TABLE = (
     "TRUNCATE tickets.inc, tickets.ingest_files, tickets.ingest_rejects; DELETE FROM tickets.import_meta"
@@ -265,8 +266,13 @@ async def delta_at_sizes(
     async with engine_for(config) as engine:
         for n, rows in enumerate(sizes):
             at = start + timedelta(hours=n)
-            spec = feedgen.FeedSpec(dataset="inc", seed=11, baseline_rows=rows, sentinel=False, start=at)
-            upload_baseline(endpoint, spec, rows, f"{prefix}changes/{feedgen.file_name(at)}")
+            # A full export repeats tickets (their earlier states): ~70% of its rows are
+            # distinct tickets, so the export is sized for the table to hold ``rows``.
+            export_rows = round(rows / DISTINCT_SHARE)
+            spec = feedgen.FeedSpec(
+                dataset="inc", seed=11, baseline_rows=export_rows, sentinel=False, start=at
+            )
+            upload_baseline(endpoint, spec, export_rows, f"{prefix}changes/{feedgen.file_name(at)}")
             base = await drain(engine, config.dataset("inc"))
             assert base.ok and base.files_applied == 1, base
             async with engine.pool.acquire() as conn:

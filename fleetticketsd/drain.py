@@ -102,6 +102,10 @@ class DrainReport:
     at_key: str | None = None
     dry_run: bool = False
     files: list[dict[str, Any]] = field(default_factory=list)
+    # Time the applies waited for prefetched bytes, and the first commit's time since
+    # the pass began (None: nothing committed): what bench/speed.py reports.
+    fetch_wait_s: float = 0.0
+    first_commit_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -263,6 +267,7 @@ async def _pass(
     stop: asyncio.Event | None,
 ) -> None:
     m = engine.metrics
+    pass_started = time.monotonic()
     replayed: list[ChangeFile] = []
     if reseed is None:
         # The watermark moves only under the lock this pass holds: read it first, and
@@ -355,7 +360,10 @@ async def _pass(
     async def commit() -> None:
         if batch is None:
             return
-        for a in await batch.commit(report):
+        committed = await batch.commit(report)
+        if committed and report.first_commit_s is None:
+            report.first_commit_s = time.monotonic() - pass_started
+        for a in committed:
             _record_applied(engine, dataset, a, report)
             if progress is not None:
                 progress(dataset, a.number, len(pending), a.result)
@@ -401,6 +409,7 @@ async def _pass(
                 elif batch.due(done < len(pending) and prefetch.ready(pending[done])):
                     await commit()
     finally:
+        report.fetch_wait_s = prefetch.waited_s
         await prefetch.close()
         archiver_failed = await archiver.wait()
         await deletes.close()

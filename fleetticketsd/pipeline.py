@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -57,6 +58,9 @@ class Prefetcher:
         self._max_files = max_files
         self._max_bytes = max_bytes
         self._chunk_bytes = chunk_bytes
+        # Time the apply spent waiting for prefetched bytes: near 0 while the
+        # prefetch keeps ahead (bench/speed.py reports it).
+        self.waited_s = 0.0
         self._fill()
 
     def _fill(self) -> None:
@@ -82,6 +86,7 @@ class Prefetcher:
         """The file's bytes: from the prefetch if it got them, else streamed now."""
         task = self._tasks.pop(f.key, None)
         if task is not None:
+            waiting_since = time.monotonic()
             try:
                 data: bytes | None = await task
             except SourceError as exc:
@@ -91,6 +96,7 @@ class Prefetcher:
                 data = None
             finally:
                 self._bytes -= f.size
+                self.waited_s += time.monotonic() - waiting_since
             if data is not None:
                 self._fill()
                 yield _chunks_of(data, self._chunk_bytes)

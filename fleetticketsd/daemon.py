@@ -378,20 +378,30 @@ class Daemon:
             if self.stopping.is_set() or self.engine is None:
                 return
             await self._check_foreign_writes()
-            for ds in self.config.enabled_datasets:
-                with structlog.contextvars.bound_contextvars(dataset=ds.name):
-                    try:
-                        seen = await self.listings.refresh(self.engine, ds)
-                        # A blocked dataset always has pending files: its retries
-                        # stay with the cron, not with every listing.
-                        on_arrival = self.config.daemon.drain_on_arrival
-                        if on_arrival and seen["pending_files"] and not seen["blocked"]:
-                            self._drain_now(ds.name)
-                    except WATCH_ERRORS as exc:
-                        log.warning("source check failed", error=str(exc))
-                    except Exception:  # e.g. a client closed under it by a reload
-                        # Only gauges ride on this; it must never take the daemon down.
-                        log.exception("source check failed unexpectedly")
+            # Datasets are checked a few at a time: with many datasets and a distant
+            # bucket, one after another would make the last one's check (and its
+            # drain on arrival) wait for all the others' round trips.
+            limit = asyncio.Semaphore(WATCH_CONCURRENCY)
+            await asyncio.gather(*(self._check_dataset(ds, limit) for ds in self.config.enabled_datasets))
+
+    async def _check_dataset(self, ds: DatasetConfig, limit: asyncio.Semaphore) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        async with limit:
+            with structlog.contextvars.bound_contextvars(dataset=ds.name):
+                try:
+                    seen = await self.listings.refresh(engine, ds)
+                    # A blocked dataset always has pending files: its retries
+                    # stay with the cron, not with every listing.
+                    on_arrival = self.config.daemon.drain_on_arrival
+                    if on_arrival and seen["pending_files"] and not seen["blocked"]:
+                        self._drain_now(ds.name)
+                except WATCH_ERRORS as exc:
+                    log.warning("source check failed", error=str(exc))
+                except Exception:  # e.g. a client closed under it by a reload
+                    # Only gauges ride on this; it must never take the daemon down.
+                    log.exception("source check failed unexpectedly")
 
     async def _reloader(self) -> None:
         while not self.stopping.is_set():
@@ -534,5 +544,7 @@ def _version() -> str:
 
 
 WATCH_ERRORS: tuple[type[BaseException], ...] = (SourceError, *DB_ERRORS)
+# Source checks in flight at once (each holds a pooled connection for its status query).
+WATCH_CONCURRENCY = 4
 READY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DB_ERRORS)
 RELOAD_ERRORS: tuple[type[BaseException], ...] = (ConfigError, *DB_ERRORS)

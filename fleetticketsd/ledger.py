@@ -199,12 +199,20 @@ async def state(conn: asyncpg.Connection, dataset: str) -> DatasetState:
     return DatasetState(row["watermark"], blocked, row["last_applied_at"], row["metadata"] or {})
 
 
+# Keys per ledger lookup: a backlog of 100,000 files is looked up in bounded queries
+# (one array parameter of ~0.7 MB each), not in one of 7 MB.
+LOOKUP_BATCH_KEYS = 10_000
+
+
 async def entries(
     conn: asyncpg.Connection, dataset: str, keys: list[str]
 ) -> dict[tuple[str, str], LedgerEntry]:
-    """Ledger rows for the listed keys: one query per pass, not one per file."""
-    rows = await conn.fetch(LEDGER_FOR_KEYS, dataset, keys)
-    return {(r["key"], r["etag"]): LedgerEntry(r["status"], r["error"]) for r in rows}
+    """Ledger rows for the listed keys: one query per 10,000 keys, not one per file."""
+    found: dict[tuple[str, str], LedgerEntry] = {}
+    for i in range(0, len(keys), LOOKUP_BATCH_KEYS):
+        rows = await conn.fetch(LEDGER_FOR_KEYS, dataset, keys[i : i + LOOKUP_BATCH_KEYS])
+        found.update({(r["key"], r["etag"]): LedgerEntry(r["status"], r["error"]) for r in rows})
+    return found
 
 
 async def try_lock(conn: asyncpg.Connection, dataset: str) -> bool:

@@ -1,6 +1,6 @@
 """Speed that does not grow with the table (issue 16): figures beside their targets, one run.
 
-    .venv/bin/python bench/speed.py [--quick] [--only catchup,delta]
+    .venv/bin/python bench/speed.py [--quick] [--only catchup,delta,datasets,backlog]
 
 Builds its own scratch database and moto server (bench/ingest.py's helpers) and prints:
 
@@ -11,6 +11,14 @@ Builds its own scratch database and moto server (bench/ingest.py's helpers) and 
 2. delta     one 1-row delta, one pass end to end on loopback, at 10,000 and at 300,000
              rows, with the database's share (time awaiting PostgreSQL) printed beside
              the S3 share (time awaiting the bucket). Targets: 300k ≤ 1.25× 10k and ≤ 20 ms.
+4. datasets  `fleetticketsd run` as a process with 1, then 20 datasets, 50 ms RTT; a
+             20-row delta lands in every dataset at once, five times: the median pass
+             time of a pass that applied a file, the daemon's CPU per file, its peak RSS.
+             Targets: 20 datasets ≤ 1.2× one alone; peak RSS ≤ 300 MB.
+5. backlog   100,000 tiny files pending under changes/ (created with concurrent puts);
+             one pass, stopped after 2,000 commits: the time to its first commit, the
+             apply's wait for prefetched bytes, the memory the pass added. Target: first
+             commit ≤ 30 s.
 
 Each catch-up uses its own prefix and an emptied table, so the variants share nothing
 but the machine. The shares of 2 are wall time spent awaiting each side, measured by

@@ -123,7 +123,11 @@ def moto_server() -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # holding 100k objects, it takes its time
+            proc.kill()
+            proc.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -154,6 +154,12 @@ class IngestConfig:
     # Archive moves (copy + delete: two round trips each) in flight behind the
     # applies; at 50 ms RTT, 16 keep up with ~150 small files a second.
     archive_concurrency: int = 16
+    # Small files already fetched are applied in one transaction, each in its own
+    # savepoint, committed together: a commit (WAL flush) cost more than the rest of
+    # a 20-row file's apply. A batch commits at this many files, after this long, or
+    # as soon as the next file's bytes are not there yet, so it never waits for data.
+    commit_batch_files: int = 32
+    commit_batch_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,9 @@ class DaemonConfig:
     # backoff this many times before it waits for the next cron fire.
     pass_retry_attempts: int = 5
     pass_retry_max_wait_s: float = 60.0
+    # When the source watcher sees a pending file, start that dataset's pass now
+    # instead of at the next cron fire (which stays as the backstop).
+    drain_on_arrival: bool = True
 
 
 @dataclass(frozen=True)
@@ -400,6 +409,8 @@ def _validate(config: Config) -> None:
         ("ingest.prefetch_files", config.ingest.prefetch_files),
         ("ingest.prefetch_bytes", config.ingest.prefetch_bytes),
         ("ingest.archive_concurrency", config.ingest.archive_concurrency),
+        ("ingest.commit_batch_files", config.ingest.commit_batch_files),
+        ("ingest.commit_batch_s", config.ingest.commit_batch_s),
     ):
         if value <= 0:
             raise ConfigError(key, "must be greater than 0")

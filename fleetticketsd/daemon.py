@@ -61,6 +61,8 @@ class Daemon:
         self.engine: Engine | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self._running: dict[str, asyncio.Task[Any]] = {}
+        # Datasets whose watcher saw files while their pass ran: another pass follows.
+        self._again: set[str] = set()
         self._reload_requested = asyncio.Event()
         self._side_tasks: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -274,12 +276,31 @@ class Daemon:
         )
         log.info("scheduled", dataset=ds.name, cron=cfg.cron_for(ds), timezone=cfg.schedule.timezone)
 
+    def _drain_now(self, name: str) -> None:
+        """Start the dataset's pass now (drain_on_arrival): through the scheduler, so it
+        stays the one pass of that dataset at a time; if one runs, another follows it."""
+        if self.scheduler is None or self.stopping.is_set():
+            return
+        running = self._running.get(name)
+        if running is not None and not running.done():
+            self._again.add(name)  # files that landed after its listing
+            return
+        job = self.scheduler.get_job(name)
+        if job is None:
+            return
+        now = datetime.now(job.trigger.timezone)
+        if job.next_run_time is not None and job.next_run_time <= now:
+            return  # due already
+        log.info("files pending: draining now", dataset=name)
+        job.modify(next_run_time=now)
+
     async def _drain_job(self, name: str) -> None:
         if self.stopping.is_set() or self.engine is None:
             return
         task = asyncio.current_task()
         assert task is not None
         self._running[name] = task
+        self._again.discard(name)
         try:
             await self._drain_with_retries(name)
         except asyncio.CancelledError:
@@ -291,6 +312,9 @@ class Daemon:
             self._running.pop(name, None)
             if self.geocoder is not None:
                 self.geocoder.notify()  # new tickets may need places
+            if name in self._again:
+                # Released by the scheduler only once this returns: run from the loop.
+                asyncio.get_running_loop().call_soon(self._drain_now, name)
 
     async def _drain_with_retries(self, name: str) -> DrainReport | None:
         cfg = self.config.daemon
@@ -354,15 +378,30 @@ class Daemon:
             if self.stopping.is_set() or self.engine is None:
                 return
             await self._check_foreign_writes()
-            for ds in self.config.enabled_datasets:
-                with structlog.contextvars.bound_contextvars(dataset=ds.name):
-                    try:
-                        await self.listings.refresh(self.engine, ds)
-                    except WATCH_ERRORS as exc:
-                        log.warning("source check failed", error=str(exc))
-                    except Exception:  # e.g. a client closed under it by a reload
-                        # Only gauges ride on this; it must never take the daemon down.
-                        log.exception("source check failed unexpectedly")
+            # Datasets are checked a few at a time: with many datasets and a distant
+            # bucket, one after another would make the last one's check (and its
+            # drain on arrival) wait for all the others' round trips.
+            limit = asyncio.Semaphore(WATCH_CONCURRENCY)
+            await asyncio.gather(*(self._check_dataset(ds, limit) for ds in self.config.enabled_datasets))
+
+    async def _check_dataset(self, ds: DatasetConfig, limit: asyncio.Semaphore) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        async with limit:
+            with structlog.contextvars.bound_contextvars(dataset=ds.name):
+                try:
+                    seen = await self.listings.refresh(engine, ds)
+                    # A blocked dataset always has pending files: its retries
+                    # stay with the cron, not with every listing.
+                    on_arrival = self.config.daemon.drain_on_arrival
+                    if on_arrival and seen["pending_files"] and not seen["blocked"]:
+                        self._drain_now(ds.name)
+                except WATCH_ERRORS as exc:
+                    log.warning("source check failed", error=str(exc))
+                except Exception:  # e.g. a client closed under it by a reload
+                    # Only gauges ride on this; it must never take the daemon down.
+                    log.exception("source check failed unexpectedly")
 
     async def _reloader(self) -> None:
         while not self.stopping.is_set():
@@ -505,5 +544,7 @@ def _version() -> str:
 
 
 WATCH_ERRORS: tuple[type[BaseException], ...] = (SourceError, *DB_ERRORS)
+# Source checks in flight at once (each holds a pooled connection for its status query).
+WATCH_CONCURRENCY = 4
 READY_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DB_ERRORS)
 RELOAD_ERRORS: tuple[type[BaseException], ...] = (ConfigError, *DB_ERRORS)

@@ -29,11 +29,11 @@ import structlog
 from . import history, ledger, replay
 from .apply import FileResult, apply_file
 from .config import Config, DatasetConfig
-from .dbguard import DatabaseFault, acquire, describe, end_session, is_read_only, session_ended
+from .dbguard import DatabaseFault, acquire, describe, end_session, guarded, is_read_only, session_ended
 from .feed import BadFile, file_name, key_timestamp
 from .ledger import Blocked
 from .metrics import Metrics
-from .pipeline import Archiver, Prefetcher
+from .pipeline import Archiver, Deletes, Prefetcher
 from .s3errors import futile
 from .source import ChangeFile, S3Source, SourceError
 
@@ -102,6 +102,10 @@ class DrainReport:
     at_key: str | None = None
     dry_run: bool = False
     files: list[dict[str, Any]] = field(default_factory=list)
+    # Time the applies waited for prefetched bytes, and the first commit's time since
+    # the pass began (None: nothing committed): what bench/speed.py reports.
+    fetch_wait_s: float = 0.0
+    first_commit_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -265,6 +269,7 @@ async def _pass(
     stop: asyncio.Event | None,
 ) -> None:
     m = engine.metrics
+    pass_started = time.monotonic()
     replayed: list[ChangeFile] = []
     if reseed is None:
         # The watermark moves only under the lock this pass holds: read it first, and
@@ -333,8 +338,10 @@ async def _pass(
     # Files an earlier pass decided on but did not get to move (semantic 3) go first,
     # then each file this pass applies, right after its commit.
     decided_now = {f.key: entry for f, entry in decided}
+    deletes = Deletes(engine.source.delete_many)
     archiver = Archiver(
-        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key)), ingest.archive_concurrency
+        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key), deletes),
+        ingest.archive_concurrency,
     )
     for f, _ in decided:
         archiver.submit(f)
@@ -346,35 +353,136 @@ async def _pass(
         chunk_bytes=ingest.read_chunk_bytes,
     )
     watermark = state.watermark
+    # Files applied but not yet committed: a real pass commits small files in batches
+    # (each in its own savepoint, each with its ledger row and watermark advance); a
+    # dry run has its one outer transaction already. Only what a commit made durable
+    # is counted, logged, reported and archived.
+    batch = None if dry_run else _Batch(conn, ingest.commit_batch_files, ingest.commit_batch_s)
+
+    async def commit() -> None:
+        if batch is None:
+            return
+        committed = await batch.commit(report)
+        if committed and report.first_commit_s is None:
+            report.first_commit_s = time.monotonic() - pass_started
+        for a in committed:
+            _record_applied(engine, dataset, a, report)
+            if progress is not None:
+                progress(dataset, a.number, len(pending), a.result)
+            if not a.replayed:  # a replayed file stays in processed/
+                archiver.submit(a.file)
+
     try:
         for done, f in enumerate(pending, start=1):
             if stop is not None and stop.is_set():
+                await commit()
                 log.info("stopping between files", remaining=len(pending) - done + 1)
                 return
             report.at_key = f.key
             with structlog.contextvars.bound_contextvars(key=f.key):
                 again = f.key in from_processed
-                result = await _apply_one(
-                    engine, conn, dataset, f, prefetch, watermark, report, dry_run, again
-                )
-                if result is None:
+                if batch is not None:
+                    await batch.open()
+                try:
+                    result = await _apply_one(
+                        engine, conn, dataset, f, prefetch, watermark, report, dry_run, again
+                    )
+                except BadFile as exc:
+                    # Its savepoint is rolled back; what came before it commits first,
+                    # so that a quarantine move only ever follows a committed ledger row.
+                    await commit()
+                    await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
                     if report.blocked is not None:
                         return
                     continue
+                except DrainFailed as exc:
+                    if exc.stage == "fetch":
+                        await commit()  # the bucket failed, not the database: keep what applied
+                    raise
+                if batch is None:
+                    if progress is not None:
+                        progress(dataset, done, len(pending), result)
+                else:
+                    batch.add(_Applied(f, result, watermark, again, done))
                 if not is_late(f.key, watermark):
                     watermark = replay.ledger_key(dataset, f) if again else f.key
-                report.watermark = watermark
-                if progress is not None:
-                    progress(dataset, done, len(pending), result)
-                if not dry_run and not again:  # a replayed file stays in processed/
-                    archiver.submit(f)
+                if batch is None:
+                    report.watermark = watermark
+                elif batch.due(done < len(pending) and prefetch.ready(pending[done])):
+                    await commit()
     finally:
+        report.fetch_wait_s = prefetch.waited_s
         await prefetch.close()
         archiver_failed = await archiver.wait()
+        await deletes.close()
         m.archive_pending.labels(dataset.name).set(archiver_failed)
     if not dry_run:
         m.dataset_blocked.labels(dataset.name).set(0)
         _observe_source(engine, dataset, listed, [], watermark)
+
+
+@dataclass
+class _Applied:
+    """A file applied in the open batch, waiting for its commit."""
+
+    file: ChangeFile
+    result: FileResult
+    watermark_before: str | None
+    replayed: bool
+    number: int  # its place in the pass, for progress
+
+
+class _Batch:
+    """The open transaction of a pass and the files applied in it, each in a savepoint.
+
+    Each file still commits together with its ledger row and watermark advance
+    (CONTRACT.md semantic 2): they are in the same transaction, and a file that fails
+    rolls back its own savepoint only. A crash or a lost session before the commit
+    rolls back the whole batch; none of its files was archived or counted (both wait
+    for the commit), so the next pass applies them, each once. The batch commits at
+    ``max_files``, after ``max_s``, or when the next file's bytes are not fetched yet:
+    batching never makes a file wait for data, only for its neighbours' apply.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, max_files: int, max_s: float) -> None:
+        self._conn = conn
+        self._max_files = max_files
+        self._max_s = max_s
+        self._tx: Any = None
+        self._opened = 0.0
+        self._files: list[_Applied] = []
+
+    async def open(self) -> None:
+        if self._tx is None:
+            tx = self._conn.transaction()
+            async with guarded(self._conn):
+                await tx.start()
+            self._tx, self._opened = tx, time.monotonic()
+
+    def add(self, applied: _Applied) -> None:
+        self._files.append(applied)
+
+    def due(self, next_ready: bool) -> bool:
+        return (
+            not next_ready
+            or len(self._files) >= self._max_files
+            or time.monotonic() - self._opened >= self._max_s
+        )
+
+    async def commit(self, report: DrainReport) -> list[_Applied]:
+        if self._tx is None:
+            return []
+        tx, self._tx = self._tx, None
+        at_key = report.at_key
+        if self._files:
+            # Until the commit answers, every file of the batch is undecided: a failure
+            # names the first (the ledger decides them all on the next pass).
+            report.at_key = self._files[0].file.key
+        async with guarded(self._conn):
+            await tx.commit()
+        report.at_key = at_key
+        done, self._files = self._files, []
+        return done
 
 
 async def _list(*listings: Coroutine[Any, Any, list[ChangeFile]]) -> list[list[ChangeFile]]:
@@ -433,9 +541,10 @@ async def _apply_one(
     report: DrainReport,
     dry_run: bool,
     replayed: bool = False,
-) -> FileResult | None:
-    """Apply one file; None if it was bad (then report.blocked says whether to stop).
-    ``replayed``: read from processed/, recorded under its changes/ key."""
+) -> FileResult:
+    """Apply one file (in a savepoint of the pass's open transaction); raises BadFile if
+    it is bad. ``replayed``: read from processed/, recorded under its changes/ key.
+    A dry run is reported here; a real file once its batch commits (_record_applied)."""
     m = engine.metrics
     late = is_late(f.key, watermark)
     log.info("applying file", size_bytes=f.size, late=late)
@@ -452,59 +561,69 @@ async def _apply_one(
                 max_record_bytes=engine.config.ingest.max_record_bytes,
                 statement_timeout_s=engine.config.database.statement_timeout_s,
             )
-    except BadFile as exc:
+    except BadFile:
         m.poll_failures.labels(dataset.name, "parse").inc()
-        await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
-        return None
+        raise
     except DATA_ERRORS as exc:
         # The database refused a value in this file (SQLSTATE classes 22 and 54). The
         # schema is built so that this should not happen; if it does, the same bytes
         # will fail the same way on every retry, so it is a bad file, not an outage:
         # block (or quarantine) at this key with the reason, instead of retrying forever.
         m.poll_failures.labels(dataset.name, "apply").inc()
-        bad = BadFile(f"database rejected the file: {type(exc).__name__}: {exc}")
-        await _bad_file(engine, conn, dataset, f, bad, report, dry_run)
-        return None
+        raise BadFile(f"database rejected the file: {type(exc).__name__}: {exc}") from exc
     except SourceError as exc:
         raise source_failed("fetch", exc) from exc
     except DB_ERRORS as exc:
         raise DrainFailed("apply", f"{f.key}: {describe(exc)}") from exc
-
-    report.files_applied += 0 if dry_run else 1
-    report.rows_upserted += result.upserted
-    report.rows_rejected += result.rejected
     if dry_run:
+        report.rows_upserted += result.upserted
+        report.rows_rejected += result.rejected
         report.files.append(result.as_json())
         log.info("dry run: file would apply", **result.as_json())
-        return result
+    return result
+
+
+def _record_applied(engine: Engine, dataset: DatasetConfig, a: _Applied, report: DrainReport) -> None:
+    """Count, log and report a file its batch's commit made durable."""
+    m = engine.metrics
+    f, result, watermark = a.file, a.result, a.watermark_before
+    report.files_applied += 1
+    report.rows_upserted += result.upserted
+    report.rows_rejected += result.rejected
+    if not is_late(f.key, watermark):
+        report.watermark = replay.ledger_key(dataset, f) if a.replayed else f.key
     m.files_applied.labels(dataset.name).inc()
     m.rows_upserted.labels(dataset.name).inc(result.upserted)
     for reason, n in result.reject_reasons.items():
         m.rows_rejected.labels(dataset.name, reason).inc(n)
-    if late:
-        m.late_files.labels(dataset.name).inc()
-        log.warning("late file applied under the stale-write guard", watermark=watermark)
-    if replayed:
-        report.files_replayed += 1
-        m.replayed_files.labels(dataset.name).inc()
-        log.warning(
-            "file replayed from processed/: the ledger did not hold it (database restored from "
-            "an older backup?); applied under the stale-write guard, left in processed/",
-            watermark=watermark,
+    with structlog.contextvars.bound_contextvars(key=f.key):
+        if result.late:
+            m.late_files.labels(dataset.name).inc()
+            log.warning("late file applied under the stale-write guard", watermark=watermark)
+        if a.replayed:
+            report.files_replayed += 1
+            m.replayed_files.labels(dataset.name).inc()
+            log.warning(
+                "file replayed from processed/: the ledger did not hold it (database restored from "
+                "an older backup?); applied under the stale-write guard, left in processed/",
+                watermark=watermark,
+            )
+        else:
+            # How stale the data was when it reached the table; a replayed file had
+            # reached it before the restore, so it says nothing about freshness.
+            m.apply_delay.labels(dataset.name).observe(max(0.0, time.time() - f.timestamp.timestamp()))
+        if result.extra_columns and (dataset.name, result.extra_columns) not in engine.drift_logged:
+            engine.drift_logged.add((dataset.name, result.extra_columns))
+            log.warning("schema drift: extra columns kept in raw", columns=list(result.extra_columns))
+        log.info(
+            "file applied",
+            rows_read=result.rows_read,
+            inserted=result.inserted,
+            updated=result.updated,
+            unchanged=result.unchanged,
+            rejected=result.rejected,
+            late=result.late,
         )
-    if result.extra_columns and (dataset.name, result.extra_columns) not in engine.drift_logged:
-        engine.drift_logged.add((dataset.name, result.extra_columns))
-        log.warning("schema drift: extra columns kept in raw", columns=list(result.extra_columns))
-    log.info(
-        "file applied",
-        rows_read=result.rows_read,
-        inserted=result.inserted,
-        updated=result.updated,
-        unchanged=result.unchanged,
-        rejected=result.rejected,
-        late=late,
-    )
-    return result
 
 
 async def _bad_file(
@@ -554,7 +673,11 @@ async def _bad_file(
 
 
 async def _finish_move(
-    engine: Engine, dataset: DatasetConfig, f: ChangeFile, entry: ledger.LedgerEntry | None
+    engine: Engine,
+    dataset: DatasetConfig,
+    f: ChangeFile,
+    entry: ledger.LedgerEntry | None,
+    deletes: Deletes,
 ) -> bool:
     """Move a decided file out of changes/. ``entry`` is its ledger row if an earlier
     pass decided it (then nothing is applied again), None if this pass applied it."""
@@ -562,7 +685,7 @@ async def _finish_move(
         if entry is None or entry.status == "applied":
             if entry is not None:
                 log.info("already applied; archiving only")
-            return await _archive(engine, dataset, f)
+            return await _archive(engine, dataset, f, deletes)
         log.info("already set aside; back to quarantine/", status=entry.status)
         try:
             await engine.source.quarantine(
@@ -575,11 +698,15 @@ async def _finish_move(
             return False
 
 
-async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile) -> bool:
+async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile, deletes: Deletes) -> bool:
     # The file is committed; a failure here only delays the move to the next pass,
-    # which finds it in the ledger and archives it without re-applying.
+    # which finds it in the ledger and archives it without re-applying. The copy is
+    # pinned to the applied version; the delete follows it within one request's time
+    # (batched with its neighbours'), as it followed a single copy before.
     try:
-        moved = await engine.source.archive(dataset, f)
+        moved = await engine.source.copy_to_processed(dataset, f)
+        if moved:
+            await deletes.delete(f.key)
     except SourceError as exc:
         engine.metrics.poll_failures.labels(dataset.name, "archive").inc()
         log.warning("archive failed; next pass retries it", error=str(exc))

@@ -14,6 +14,9 @@ from . import __version__
 # One pass is a listing plus, usually, a handful of small deltas (well under a
 # second); after an outage it can be hundreds of files or a 500 MB baseline.
 POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# From seconds (drained on arrival) to a day (an outage): the export names a file by
+# when it started, so even a prompt apply is some seconds late.
+APPLY_DELAY_BUCKETS = (5, 15, 30, 60, 90, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
 POLL_STAGES = ("list", "fetch", "parse", "apply", "archive")
 GEOCODE_OUTCOMES = ("ok", "no_match", "rejected_distance", "rate_limited", "error")
 
@@ -72,6 +75,14 @@ class Metrics:
             "One drain pass",
             ds,
             buckets=POLL_BUCKETS,
+            registry=r,
+        )
+        self.apply_delay = Histogram(
+            "fleettickets_apply_delay_seconds",
+            "Commit time minus the time in the file's name (EAT to UTC): how stale its data "
+            "was when it reached the table",
+            ds,
+            buckets=APPLY_DELAY_BUCKETS,
             registry=r,
         )
         self.poll_failures = Counter(
@@ -184,6 +195,7 @@ class Metrics:
         for stage in POLL_STAGES:
             self.poll_failures.labels(dataset, stage)
         self.poll_duration.labels(dataset)
+        self.apply_delay.labels(dataset)
 
     def remove_dataset(self, dataset: str) -> None:
         """Forget a dataset dropped by a reload: stale series would keep alerts firing."""
@@ -201,6 +213,7 @@ class Metrics:
             self.newest_source_ts,
             self.last_success,
             self.poll_duration,
+            self.apply_delay,
         ):
             try:
                 metric.remove(dataset)

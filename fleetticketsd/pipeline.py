@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -57,6 +58,9 @@ class Prefetcher:
         self._max_files = max_files
         self._max_bytes = max_bytes
         self._chunk_bytes = chunk_bytes
+        # Time the apply spent waiting for prefetched bytes: near 0 while the
+        # prefetch keeps ahead (bench/speed.py reports it).
+        self.waited_s = 0.0
         self._fill()
 
     def _fill(self) -> None:
@@ -72,11 +76,17 @@ class Prefetcher:
         async with self._source.open(f, self._chunk_bytes) as chunks:
             return b"".join([c async for c in chunks])
 
+    def ready(self, f: ChangeFile) -> bool:
+        """Whether ``f``'s fetch has finished (its bytes, or its error, are here)."""
+        task = self._tasks.get(f.key)
+        return task is not None and task.done()
+
     @contextlib.asynccontextmanager
     async def open(self, f: ChangeFile) -> AsyncIterator[AsyncIterator[bytes]]:
         """The file's bytes: from the prefetch if it got them, else streamed now."""
         task = self._tasks.pop(f.key, None)
         if task is not None:
+            waiting_since = time.monotonic()
             try:
                 data: bytes | None = await task
             except SourceError as exc:
@@ -86,6 +96,7 @@ class Prefetcher:
                 data = None
             finally:
                 self._bytes -= f.size
+                self.waited_s += time.monotonic() - waiting_since
             if data is not None:
                 self._fill()
                 yield _chunks_of(data, self._chunk_bytes)
@@ -127,3 +138,53 @@ class Archiver:
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         return sum(1 for r in results if r is not True)
+
+
+class Deletes:
+    """Deletes of archived originals, coalesced into DeleteObjects requests.
+
+    Each caller awaits its own key. The first key goes at once, alone; keys that
+    arrive while a request is in flight go together in the next one (up to 1,000):
+    a catch-up pays one delete request per batch of moves instead of one per file,
+    and no delete waits longer than the request ahead of it. A failed key raises
+    SourceError for its caller only.
+    """
+
+    MAX_KEYS = 1000  # S3's limit per DeleteObjects
+
+    def __init__(self, delete_many: Callable[[list[str]], Awaitable[dict[str, SourceError]]]) -> None:
+        self._delete_many = delete_many
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._runner: asyncio.Task[None] | None = None
+
+    async def delete(self, key: str) -> None:
+        fut = self._waiting.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting[key] = fut
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="archive deletes")
+        await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        while self._waiting:
+            keys = list(self._waiting)[: self.MAX_KEYS]
+            batch = {k: self._waiting.pop(k) for k in keys}
+            try:
+                failed = await self._delete_many(keys)
+            except Exception as exc:
+                for fut in batch.values():
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for key, fut in batch.items():
+                if fut.done():
+                    continue
+                if key in failed:
+                    fut.set_exception(failed[key])
+                else:
+                    fut.set_result(None)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)

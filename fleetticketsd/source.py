@@ -192,6 +192,29 @@ class S3Source:
         """Move to processed/. False if the key now holds another version (left in place)."""
         return await self._move(file, dataset.processed_prefix + file.name)
 
+    async def copy_to_processed(self, dataset: DatasetConfig, file: ChangeFile) -> bool:
+        """The first half of ``archive``: False if the key now holds another version.
+        The caller deletes the original (``delete_many``), soon after."""
+        return await self._copy(file, dataset.processed_prefix + file.name)
+
+    async def delete_many(self, keys: list[str]) -> dict[str, SourceError]:
+        """Delete up to 1,000 keys in one request; returns the keys that failed, each
+        with S3's reason. A request that fails as a whole raises SourceError."""
+        try:
+            resp = await self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("delete", f"{len(keys)} keys from {keys[0]}", exc) from exc
+        return {
+            e["Key"]: SourceError(
+                "delete",
+                e["Key"],
+                ClientError({"Error": {"Code": e.get("Code"), "Message": e.get("Message")}}, "DeleteObjects"),
+            )
+            for e in resp.get("Errors", [])
+        }
+
     async def quarantine(self, dataset: DatasetConfig, file: ChangeFile, error: dict[str, Any]) -> bool:
         """Move to quarantine/ with ``<name>.error.json`` beside it, saying why."""
         error_key = f"{dataset.quarantine_prefix}{file.name}.error.json"
@@ -208,6 +231,15 @@ class S3Source:
         # S3 has no rename. Copy only the version we handled (CopySourceIfMatch), then
         # delete: if a fixed file was re-uploaded meanwhile, it stays in changes/ for
         # the next pass instead of being archived unread.
+        if not await self._copy(file, target):
+            return False
+        try:
+            await self.client.delete_object(Bucket=self.bucket, Key=file.key)
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError("delete", file.key, exc) from exc
+        return True
+
+    async def _copy(self, file: ChangeFile, target: str) -> bool:
         try:
             await self.client.copy_object(
                 Bucket=self.bucket,
@@ -221,8 +253,4 @@ class S3Source:
             raise SourceError("copy", file.key, exc) from exc
         except BotoCoreError as exc:
             raise SourceError("copy", file.key, exc) from exc
-        try:
-            await self.client.delete_object(Bucket=self.bucket, Key=file.key)
-        except (ClientError, BotoCoreError) as exc:
-            raise SourceError("delete", file.key, exc) from exc
         return True

@@ -68,15 +68,16 @@ class Listings:
     def get(self, dataset: str) -> Listing | None:
         return self._latest.get(dataset)
 
-    async def refresh(self, engine: Engine, dataset: DatasetConfig) -> None:
-        """List the bucket once, keep the result, refresh the gauges from it."""
+    async def refresh(self, engine: Engine, dataset: DatasetConfig) -> dict[str, Any]:
+        """List the bucket once, keep the result, refresh the gauges from it; returns
+        the dataset's status as of this listing."""
         try:
             files = await engine.source.list_changes(dataset)
         except SourceError as exc:
             self._latest[dataset.name] = Listing(None, str(exc), datetime.now(UTC))
             raise
         self._latest[dataset.name] = Listing(files, None, datetime.now(UTC))
-        await status(engine, dataset, listed=files)
+        return await status(engine, dataset, listed=files)
 
 
 # --- datasets ---------------------------------------------------------------------------------

@@ -76,8 +76,10 @@ class Seen:
     fault: Fault | None
 
 
-def classify(method: str, path: str, headers: Any) -> str:
+def classify(method: str, path: str, headers: Any, query: str = "") -> str:
     parts = path.strip("/").split("/", 1)
+    if method == "POST" and query.split("&", 1)[0].split("=", 1)[0] == "delete":
+        return "delete"  # DeleteObjects: several keys in one request
     if method == "GET" and (len(parts) < 2 or not parts[1]):
         return "list"
     if method == "PUT" and "x-amz-copy-source" in headers:
@@ -201,7 +203,7 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         path = unquote(request.path)
-        op = classify(request.method, path, request.headers)
+        op = classify(request.method, path, request.headers, request.query_string)
         target = f"{path}?{unquote(request.query_string)}"
         fault = self._match(op, target)
         with self._lock:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +29,8 @@ def test_drains_on_start_serves_probes_and_reports_lag(
 ) -> None:
     bucket.put(inc_key("2026-06-22T10-00-00.csv"), csv_file(row("T1"), row("T2")))
     bucket.put(inc_key("2026-06-22T10-05-00.csv"), csv_file(row("T1", owner="X"), "bad,row"))
-    d, _ = start_daemon()
+    # Files that land later wait for the cron (which sleeps here): drain_on_arrival off.
+    d, _ = start_daemon(daemon={"drain_on_arrival": False})
     # The pass is over (not just its files) once its duration is observed.
     poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
     assert d.metric("fleettickets_files_applied_total", dataset="inc") == 2
@@ -125,6 +127,47 @@ def test_sighup_broken_config_keeps_running_then_valid_reload_adds_dataset_and_c
     d.write_config(data)
     d.signal(signal.SIGHUP)
     poll(lambda: d.metric("fleettickets_files_applied_total", dataset="new") is None, what="series removed")
+
+
+def test_a_landed_file_is_committed_within_the_check_interval_and_its_delay_is_exported(
+    start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
+) -> None:
+    interval_s = 2.0
+    d, _ = start_daemon(daemon={"source_check_interval_s": interval_s})  # the cron never fires
+    poll(lambda: d.metric("fleettickets_poll_duration_seconds_count", dataset="inc"), what="first pass")
+    assert d.metric("fleettickets_apply_delay_seconds_count", dataset="inc") == 0
+    for n in range(2):  # the second lands while nothing runs, as the first did
+        # Named as the export names it: its start time, in EAT, to the second.
+        key = inc_key(feedgen.file_name(feedgen.now_eat()))
+        landed = time.monotonic()
+        bucket.put(key, csv_file(row(f"T{n}")))
+        poll(
+            lambda key=key: sql_rows(db_url, "SELECT 1 FROM tickets.ingest_files WHERE key = $1", key),
+            timeout_s=interval_s + 10,
+            interval_s=0.05,
+            what=f"{key} committed",
+        )
+        took = time.monotonic() - landed
+        assert took <= interval_s + 1, f"committed {took:.2f} s after it landed"
+        poll(lambda n=n: d.metric("fleettickets_apply_delay_seconds_count", dataset="inc") == n + 1)
+        # The name is the time to the second, before the put: the delay is the wait, and < 1 s more.
+        delay = d.metric("fleettickets_apply_delay_seconds_sum", dataset="inc")
+        assert delay is not None and delay <= (n + 1) * (interval_s + 2), delay
+        # The next file needs a later name (names have one-second resolution).
+        poll(lambda key=key: inc_key(feedgen.file_name(feedgen.now_eat())) != key, what="a new second")
+    assert d.logged("files pending: draining now", dataset="inc")
+    assert d.metric("fleettickets_files_applied_total", dataset="inc") == 2
+
+
+def sql_rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
 
 
 def test_a_skip_from_a_shell_clears_the_daemons_blocked_gauge(

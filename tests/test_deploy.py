@@ -40,6 +40,7 @@ REQUIRED_PANELS = {
     "Dataset blocked",
     "Last success age",
     "Poll duration p95",
+    "Apply delay p50 / p95",
     "Geocode queue depth",
     "Geocode budget remaining",
     "Geocode requests by outcome",
@@ -84,9 +85,16 @@ def contract_metrics() -> set[str]:
     return names
 
 
+def freshness_metrics() -> set[str]:
+    """Metric names CONTRACT.md's '## Freshness' section adds (outside the table)."""
+    text = CONTRACT.read_text(encoding="utf-8")
+    section = text.split("\n## Freshness", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`(fleettickets_[a-z0-9_]+)(?:\{[^}]*\})?`", section))
+
+
 def allowed_metrics() -> set[str]:
     # Histograms expose _bucket/_count/_sum series; `up` is Prometheus' own.
-    base = contract_metrics()
+    base = contract_metrics() | freshness_metrics()
     return base | {f"{n}{s}" for n in base for s in ("_bucket", "_count", "_sum")} | {"up"}
 
 

@@ -111,7 +111,7 @@ async def test_already_applied_file_still_in_changes_is_only_archived(
 
         raise SourceError("copy", key, EndpointConnectionError(endpoint_url="x"))
 
-    monkeypatch.setattr(S3Source, "archive", broken_archive)
+    monkeypatch.setattr(S3Source, "copy_to_processed", broken_archive)
     first = await drain(engine, engine.config.dataset("inc"))
     assert first.files_applied == 1
     assert bucket.keys("automations/inc/changes/") == [key]

@@ -91,7 +91,11 @@ CREATE CONSTRAINT TRIGGER fleet_test_stall AFTER INSERT ON tickets.ingest_files
 """,
 }
 # What the drain's backend runs at each moment (pg_stat_activity.query).
-STATEMENT = {"copy": "COPY %fleet_incoming%", "upsert": "%WITH src AS MATERIALIZED%", "commit": "COMMIT%"}
+STATEMENT = {
+    "copy": "COPY %fleet_incoming%",
+    "upsert": "%DELETE FROM pg_temp.fleet_incoming RETURNING%",
+    "commit": "COMMIT%",
+}
 
 
 async def _sql(url: str, sql: str, *args: Any) -> Any:
@@ -364,6 +368,28 @@ class CommitCutter:
         )
 
 
+async def lost_commit_pass(
+    config: Config, bucket: Bucket, db_url: str, batch_files: int
+) -> tuple[DrainReport, list[dict[str, Any]], DrainReport, list[dict[str, Any]], Engine]:
+    """A pass whose first COMMIT reply is lost, then a second pass; both reports and logs."""
+    upstream = int(db_url.rsplit(":", 1)[1].split("/", 1)[0])
+    cutter = CommitCutter(upstream)
+    async with cutter as port, S3Source(config.s3) as source:
+        proxied = replace(config.database, url=db_url.replace(f":{upstream}/", f":{port}/"))
+        ingest = replace(config.ingest, commit_batch_files=batch_files)
+        cfg = replace(config, database=proxied, ingest=ingest)
+        pool = await db.create_pool(cfg.database)
+        engine = Engine(cfg, pool, source, Metrics())
+        cutter.armed = True
+        with structlog.testing.capture_logs() as logs:
+            report = await asyncio.wait_for(drain(engine, cfg.dataset("inc")), timeout=15)
+        assert cutter.cut == 1
+        with structlog.testing.capture_logs() as again_logs:
+            again = await drain(engine, cfg.dataset("inc"))
+        await pool.close()
+    return report, logs, again, again_logs, engine
+
+
 async def test_a_commit_whose_reply_is_lost_is_decided_by_the_ledger_never_applied_twice(
     config: Config, bucket: Bucket, db_url: str
 ) -> None:
@@ -371,34 +397,43 @@ async def test_a_commit_whose_reply_is_lost_is_decided_by_the_ledger_never_appli
     key = inc_key("2026-06-22T10-00-00.csv")
     bucket.put(key, csv_file(row("T1"), row("T2")))
     bucket.put(AFTER, csv_file(row("T9")))
-    upstream = int(db_url.rsplit(":", 1)[1].split("/", 1)[0])
-    cutter = CommitCutter(upstream)
-    async with cutter as port, S3Source(config.s3) as source:
-        proxied = replace(config.database, url=db_url.replace(f":{upstream}/", f":{port}/"))
-        cfg = replace(config, database=proxied)
-        pool = await db.create_pool(cfg.database)
-        engine = Engine(cfg, pool, source, Metrics())
-        cutter.armed = True
-        with structlog.testing.capture_logs() as logs:
-            report = await asyncio.wait_for(drain(engine, cfg.dataset("inc")), timeout=15)
-        assert cutter.cut == 1
-        # The outcome is unknown to the pass, which fails; the server did commit.
-        assert_failed_at(report, logs, key, "connection lost")
-        assert await table_and_ledger(db_url) == (2, [(key, 2)])
-        assert failures(engine) == 1
-
-        # The next pass finds the file in the ledger: archived, not applied again.
-        with structlog.testing.capture_logs() as logs:
-            again = await drain(engine, cfg.dataset("inc"))
-        await pool.close()
+    # One file per commit: the commit of the first file is the one cut.
+    report, logs, again, again_logs, engine = await lost_commit_pass(config, bucket, db_url, 1)
+    # The outcome is unknown to the pass, which fails; the server did commit.
+    assert_failed_at(report, logs, key, "connection lost")
+    assert failures(engine) == 1
+    # The next pass finds the file in the ledger: archived, not applied again.
     assert again.ok and again.files_applied == 1 and again.rows_upserted == 1, again  # AFTER only
-    assert [e["event"] for e in logs if e["event"].startswith("already applied")] == [
+    assert [e["event"] for e in again_logs if e["event"].startswith("already applied")] == [
         "already applied; archiving only"
     ]
     assert await table_and_ledger(db_url) == (3, [(key, 2), (AFTER, 1)])
     assert bucket.keys("automations/inc/changes/") == []
     assert again.watermark == AFTER
     print(f"\nlost commit reply: {time.monotonic() - started:.1f} s")
+
+
+async def test_a_batch_commit_whose_reply_is_lost_is_decided_by_the_ledger_file_by_file(
+    config: Config, bucket: Bucket, db_url: str
+) -> None:
+    # Small files commit in batches: the cut reply may cover several files. Whichever
+    # the server committed, the ledger says so, and the next pass applies only the rest.
+    keys = [inc_key(f"2026-06-22T10-0{i}-00.csv") for i in range(6)]
+    for i, key in enumerate(keys):
+        bucket.put(key, csv_file(row(f"T{i}"), row(f"U{i}")))
+    report, _, again, again_logs, _ = await lost_commit_pass(config, bucket, db_url, 32)
+    assert report.failed is not None and "connection lost" in report.failed, report
+    assert report.files_applied == 0  # none heard committed, none counted
+    _, ledger = await table_and_ledger(db_url)
+    first = len(ledger)
+    print(f"\nfiles in the cut batch: {first}")
+    assert first >= 1 and [k for k, _ in ledger] == keys[:first]  # a prefix, each file whole
+    assert again.ok and again.files_applied == len(keys) - first, again
+    archived_only = [e for e in again_logs if e["event"] == "already applied; archiving only"]
+    assert len(archived_only) == first
+    assert await table_and_ledger(db_url) == (12, [(k, 2) for k in keys])
+    assert bucket.keys("automations/inc/changes/") == []
+    assert again.watermark == keys[-1]
 
 
 # --- the daemon as a process ---------------------------------------------------------------

@@ -113,7 +113,7 @@ async def test_archive_failure_is_retried_next_pass_without_reapply(
 ) -> None:
     for i in range(6):
         bucket.put(inc_key(name(i)), csv_file(row(f"T{i}")))
-    real_archive = S3Source.archive
+    real_archive = S3Source.copy_to_processed
     failing = {inc_key(name(1)), inc_key(name(4))}
 
     async def flaky_archive(self: S3Source, dataset: object, f: ChangeFile) -> bool:
@@ -123,7 +123,7 @@ async def test_archive_failure_is_retried_next_pass_without_reapply(
             raise SourceError("copy", f.key, EndpointConnectionError(endpoint_url="s3"))
         return await real_archive(self, dataset, f)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(S3Source, "archive", flaky_archive)
+    monkeypatch.setattr(S3Source, "copy_to_processed", flaky_archive)
     async with engine_with(make_config) as engine:
         first = await drain(engine, engine.config.dataset("inc"))
         assert first.ok and first.files_applied == 6
@@ -171,3 +171,46 @@ def test_kill_during_a_pipelined_drain_then_the_next_pass_completes(
     assert fetch(db_url, "SELECT count(*) AS n FROM tickets.ingest_files")[0]["n"] == n
     assert fetch(db_url, "SELECT count(*) AS n FROM tickets.inc")[0]["n"] == 50 * n
     assert bucket.keys("automations/inc/changes/") == []
+
+
+async def test_archive_deletes_are_batched_and_a_failed_delete_is_finished_next_pass(
+    make_config: Callable[..., Config],
+    bucket: Bucket,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 40
+    for i in range(n):
+        bucket.put(inc_key(name(i)), csv_file(row(f"T{i}")))
+    real_delete_many = S3Source.delete_many
+    requests: list[list[str]] = []
+    refused = inc_key(name(7))
+
+    async def recording_delete_many(self: S3Source, keys: list[str]) -> dict[str, SourceError]:
+        from botocore.exceptions import ClientError
+
+        requests.append(keys)
+        failed = await real_delete_many(self, [k for k in keys if k != refused])
+        if refused in keys:
+            error = {"Error": {"Code": "AccessDenied", "Message": "by the test"}}
+            denied = ClientError(error, "DeleteObjects")
+            failed[refused] = SourceError("delete", refused, denied)
+        return failed
+
+    monkeypatch.setattr(S3Source, "delete_many", recording_delete_many)
+    async with engine_with(make_config) as engine:
+        first = await drain(engine, engine.config.dataset("inc"))
+        assert first.ok and first.files_applied == n
+        # Every original deleted, in fewer requests than files; the refused one is
+        # copied to processed/ but still under changes/, and counted as not moved.
+        assert sorted(k for keys in requests for k in keys) == sorted(inc_key(name(i)) for i in range(n))
+        assert len(requests) < n
+        assert bucket.keys("automations/inc/changes/") == [refused]
+        assert engine.metrics.archive_pending.labels("inc")._value.get() == 1
+        monkeypatch.undo()
+        second = await drain(engine, engine.config.dataset("inc"))
+    assert second.ok and second.files_applied == 0
+    assert bucket.keys("automations/inc/changes/") == []
+    assert len(bucket.keys("automations/inc/processed/")) == n
+    assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == n
+    print(f"\n{n} moves, {len(requests)} delete requests")

@@ -131,7 +131,7 @@ async def test_throttling_5xx_and_resets_are_retried_honouring_retry_after_and_c
                 ("ListObjectsV2", "SlowDown"),
                 ("GetObject", "InternalError"),
                 ("CopyObject", "SlowDown"),
-                ("DeleteObject", "InternalError"),
+                ("DeleteObjects", "InternalError"),  # the archive's deletes go in batches
             ]
         }
         assert retried == dict.fromkeys(retried, 1.0) | {("ListObjectsV2", "SlowDown"): 2.0}

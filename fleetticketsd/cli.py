@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from . import __version__, db, logs, status
+from . import __version__, db, logs, roles, status
 from .actions import ActionError, load_file, skip
 from .adopt import foreign_write_warning
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
@@ -200,7 +200,13 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
                     print(f"pending: {m.version}")
                 print(f"{len(pending)} pending migration(s)" if pending else "schema is current")
                 return EXIT_FAIL if pending else EXIT_OK
-            applied = await db.migrate(conn, available)
+            applied = await db.migrate(conn, available, _dataset_tables(config))
+    except roles.RolesMissing as exc:
+        # The schema is migrated; only the cluster-wide roles need an administrator.
+        raise CommandError(
+            f"the migrating role may not create roles; {exc}\nthen run `fleetticketsd migrate` again",
+            EXIT_CONFIG,
+        ) from exc
     except db.DatabaseError as exc:
         raise CommandError(str(exc)) from exc
     finally:
@@ -211,6 +217,10 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dataset_tables(config: Config) -> list[str]:
+    return [ds.table for ds in config.datasets.values()]
+
+
 async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
     from .adopt import AdoptionRefused, adopt  # only this command needs the takeover
 
@@ -218,6 +228,15 @@ async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
     try:
         async with pool.acquire() as conn:
             report = await adopt(conn, config.geocoder, dry_run=dry_run)
+            if not dry_run:
+                # The takeover replaced the tables: the roles' grants follow them.
+                await db.migrate(conn, dataset_tables=_dataset_tables(config))
+    except roles.RolesMissing as exc:
+        print(report.render())
+        raise CommandError(
+            f"adopted; but the migrating role may not create roles; {exc}\nthen run `fleetticketsd migrate`",
+            EXIT_CONFIG,
+        ) from exc
     except AdoptionRefused as exc:
         problems = "\n".join(f"  - {p}" for p in exc.problems)
         raise CommandError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from botocore.retries.quota import RetryQuota
 from botocore.retries.standard import ExponentialBackoff, RetryEventAdapter, RetryQuotaChecker
@@ -79,7 +81,25 @@ def credentials_refused(exc: BaseException | None) -> bool:
 
 def futile(exc: BaseException | None) -> bool:
     """True when retrying the same request soon cannot succeed (an operator must act)."""
-    return credentials_refused(exc) or bool(getattr(exc, "tls", False))
+    return credentials_refused(exc) or isinstance(exc, SSLError) or bool(getattr(exc, "tls", False))
+
+
+TLS_HINT = (
+    "set [s3] ca_bundle (or RUSTFS_CA_BUNDLE) to the CA that signed the endpoint's certificate; "
+    "retrying cannot help until then"
+)
+
+
+def _tls_reason(exc: SSLError) -> str:
+    """What the TLS layer objected to, in its own words (without the stack of wrappers)."""
+    cause = exc.kwargs.get("error")
+    cert_error = getattr(cause, "certificate_error", None)  # aiohttp's ClientConnectorCertificateError
+    if isinstance(cert_error, ssl.SSLCertVerificationError):
+        return str(cert_error.verify_message or cert_error.reason or cert_error)
+    inner = getattr(cause, "os_error", None) or cause
+    if isinstance(inner, ssl.SSLError):
+        return str(inner.reason or inner)
+    return str(inner if inner is not None else exc)
 
 
 def describe(exc: BaseException) -> str:
@@ -98,6 +118,15 @@ def describe(exc: BaseException) -> str:
         if credentials_refused(exc):
             line += f"; {CREDENTIALS_HINT}"
         return line
+    if isinstance(exc, SSLError):
+        endpoint = _origin(str(exc.kwargs.get("endpoint_url", "?")))
+        cause = exc.kwargs.get("error")
+        if isinstance(getattr(cause, "certificate_error", None), ssl.SSLCertVerificationError):
+            return f"the TLS certificate of {endpoint} does not verify ({_tls_reason(exc)}): {TLS_HINT}"
+        return (
+            f"the TLS handshake with {endpoint} failed ({_tls_reason(exc)}): check that the endpoint "
+            "speaks HTTPS and that [s3] ca_bundle (or RUSTFS_CA_BUNDLE) is the CA that signed its certificate"
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         endpoint = str(exc.kwargs.get("endpoint_url", "?"))
         return f"cannot connect to {_origin(endpoint)}: {_connect_cause(exc)} ({type(exc).__name__})"
@@ -179,6 +208,9 @@ class _Retries(AioRetryHandler):  # type: ignore[misc]  # aiobotocore is untyped
         self._on_retry = on_retry
 
     async def needs_retry(self, **kwargs: Any) -> float | None:
+        if isinstance(kwargs.get("caught_exception"), SSLError):
+            # A certificate that does not verify now will not verify in a second either.
+            return None
         delay: float | None = await super().needs_retry(**kwargs)
         if delay is None:
             return None

@@ -19,6 +19,7 @@ from typing import Any, Self
 
 import aioboto3
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -26,6 +27,8 @@ from .config import DatasetConfig, S3Config
 from .feed import file_name, key_timestamp
 from .s3errors import OnRetry, install_retries
 from .s3errors import describe as describe_s3
+
+log = structlog.get_logger("fleetticketsd.source")
 
 
 class SourceError(Exception):
@@ -84,8 +87,16 @@ class S3Source:
         self._client: Any = None
 
     async def __aenter__(self) -> Self:
+        if not self.config.verify_tls:
+            log.warning(
+                "TLS certificate verification of the S3 endpoint is off ([s3] verify_tls = false): "
+                "anyone on the network path can read and alter the feed; for a test bench only",
+                endpoint=self.config.endpoint_url,
+            )
         self._client = await self._stack.enter_async_context(
-            self._session.client("s3", endpoint_url=self.config.endpoint_url, config=self._boto_config)
+            self._session.client(
+                "s3", endpoint_url=self.config.endpoint_url, config=self._boto_config, verify=self._verify()
+            )
         )
         install_retries(self._client, self.max_attempts, self._on_retry)
         return self
@@ -94,6 +105,13 @@ class S3Source:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    def _verify(self) -> bool | str | None:
+        """botocore's ``verify``: False (off), a CA bundle's path, or None (the system's
+        store; config.py has already resolved AWS_CA_BUNDLE into ca_bundle)."""
+        if not self.config.verify_tls:
+            return False
+        return self.config.ca_bundle
 
     @property
     def client(self) -> Any:

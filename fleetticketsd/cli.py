@@ -27,6 +27,7 @@ from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_
 from .drain import DrainReport, Engine, drain
 from .layout import LayoutError
 from .metrics import Metrics
+from .s3errors import tls_failed as futile_tls
 from .source import S3Source, SourceError
 from .terminal import DrainProgress, render_status
 
@@ -310,11 +311,16 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
         geo = await status.geocoder(engine, config)
         extra = dict(geo.rows()) if detailed else {}
         writers = await status.other_writers(engine)
+    # One line per distinct failure: a bucket that is down (or a certificate that does
+    # not verify) is one problem, not one per dataset.
+    by_error: dict[str, list[str]] = {}
     for name, error in report.source_errors.items():
+        by_error.setdefault(str(error), []).append(name)
+    for error, names in by_error.items():
         # CONTRACT: status exits 0. Without the bucket it still says what the database
         # knows, and says on stderr that the source half is as last seen.
         print(
-            f"fleetticketsd: {name}: {error}; newest key, pending files and lag "
+            f"fleetticketsd: {', '.join(names)}: {error}; newest key, pending files and lag "
             "are as the last listing saw them",
             file=sys.stderr,
         )
@@ -365,11 +371,21 @@ async def cmd_skip(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(json.dumps(redacted(config), indent=2))
-    # Tables can only be checked against a live database; an unreachable one is
-    # reported but does not make a valid file invalid.
+    # A certificate that does not verify is the configuration's fault (a CA not set):
+    # an error. An endpoint that does not answer is reported but does not make a valid
+    # file invalid; tables can only be checked against a live database.
+    async with S3Source(config.s3, max_attempts=1) as source:
+        try:
+            await source.check()
+        except SourceError as exc:
+            if futile_tls(exc):
+                raise CommandError(f"configuration error: {status.unreachable(config, exc)}", EXIT_CONFIG) from exc
+            print(f"note: {status.unreachable(config, exc)}", file=sys.stderr)
     try:
         pool = await db.create_pool(config.database)
     except db.DatabaseError as exc:
+        if exc.tls:
+            raise CommandError(f"configuration error: {exc}", EXIT_CONFIG) from exc
         print(f"note: database not reachable, tables not checked: {exc}", file=sys.stderr)
         return EXIT_OK
     try:

@@ -58,7 +58,12 @@ SELECT EXISTS (
 
 
 class DatabaseError(Exception):
-    """The database is unreachable or not in the shape this version needs."""
+    """The database is unreachable or not in the shape this version needs; ``tls``: its
+    certificate did not verify (a configuration problem, not an outage)."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -85,7 +90,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
             },
         )
     except ssl.SSLCertVerificationError as exc:
-        raise DatabaseError(tls_failure(config.url, exc)) from exc
+        raise DatabaseError(tls_failure(config.url, exc), tls=True) from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to the database ({describe_url(config.url)}): {exc}") from exc
     assert pool is not None

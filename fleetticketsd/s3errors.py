@@ -79,6 +79,11 @@ def credentials_refused(exc: BaseException | None) -> bool:
     return status == 403 and _code(exc) in CREDENTIAL_CODES
 
 
+def tls_failed(exc: BaseException | None) -> bool:
+    """TLS with the endpoint failed (a certificate that does not verify, most often)."""
+    return isinstance(exc, SSLError) or isinstance(getattr(exc, "__cause__", None), SSLError)
+
+
 def futile(exc: BaseException | None) -> bool:
     """True when retrying the same request soon cannot succeed (an operator must act)."""
     return credentials_refused(exc) or isinstance(exc, SSLError) or bool(getattr(exc, "tls", False))

@@ -204,6 +204,8 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
             applied = await db.migrate(conn, available, _dataset_tables(config))
     except roles.RolesMissing as exc:
         # The schema is migrated; only the cluster-wide roles need an administrator.
+        for v in exc.applied:
+            print(f"applied: {v}")
         raise CommandError(
             f"the migrating role may not create roles; {exc}\nthen run `fleetticketsd migrate` again",
             EXIT_CONFIG,
@@ -379,7 +381,9 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
             await source.check()
         except SourceError as exc:
             if futile_tls(exc):
-                raise CommandError(f"configuration error: {status.unreachable(config, exc)}", EXIT_CONFIG) from exc
+                raise CommandError(
+                    f"configuration error: {status.unreachable(config, exc)}", EXIT_CONFIG
+                ) from exc
             print(f"note: {status.unreachable(config, exc)}", file=sys.stderr)
     try:
         pool = await db.create_pool(config.database)

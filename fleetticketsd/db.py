@@ -195,6 +195,9 @@ async def migrate(
         done = await apply_migrations(conn, pending)
         try:
             await roles.ensure(conn, dataset_tables)
+        except roles.RolesMissing as exc:
+            exc.applied = done
+            raise
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"granting the roles' rights failed: {exc}") from exc
         return done

@@ -40,6 +40,7 @@ class RolesMissing(Exception):
     def __init__(self, statements: list[str]) -> None:
         super().__init__("an administrator must run:\n" + "\n".join(f"  {s}" for s in statements))
         self.statements = statements
+        self.applied: list[str] = []  # the migrations applied before the roles were asked for
 
 
 def _ident(name: str) -> str:
@@ -84,18 +85,18 @@ async def ensure(conn: asyncpg.Connection, dataset_tables: Sequence[str] = ()) -
             else:
                 admin.append(f"ALTER ROLE {role} NOLOGIN;")
     database = str(await conn.fetchval(CURRENT_DATABASE))
+    me = await conn.fetchval(CURRENT_USER)
     if any(s.startswith("CREATE ROLE") for s in admin):
-        raise RolesMissing(
-            [*admin, *(database_statement(database, role, priv) for role, priv in DATABASE_PRIVILEGES)]
-        )
+        # The database grants only where this role could not make them itself next time.
+        if not await conn.fetchval(HAS_DATABASE_PRIVILEGE, me, "CONNECT WITH GRANT OPTION"):
+            admin.extend(database_statement(database, role, priv) for role, priv in DATABASE_PRIVILEGES)
+        raise RolesMissing(admin)
     granted: list[str] = []
     async with conn.transaction():
         for role, privilege in DATABASE_PRIVILEGES:
             if await conn.fetchval(HAS_DATABASE_PRIVILEGE, role, privilege):
                 continue
-            if await conn.fetchval(
-                HAS_DATABASE_PRIVILEGE, await conn.fetchval(CURRENT_USER), f"{privilege} WITH GRANT OPTION"
-            ):
+            if await conn.fetchval(HAS_DATABASE_PRIVILEGE, me, f"{privilege} WITH GRANT OPTION"):
                 await conn.execute(database_statement(database, role, privilege).rstrip(";"))
             else:
                 admin.append(database_statement(database, role, privilege))

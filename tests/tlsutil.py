@@ -27,11 +27,14 @@ class CA:
         d = self.cert.parent
         key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt", d / f"{name}.ext"
         san = ",".join(f"IP:{h}" if h[0].isdigit() else f"DNS:{h}" for h in hosts)
-        ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n")
+        ext.write_text(
+            f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        )
         _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", csr.name,
                  "-subj", f"/CN={hosts[0]}", cwd=d)  # fmt: skip
         _openssl("x509", "-req", "-in", csr.name, "-CA", self.cert.name, "-CAkey", self.key.name,
-                 "-CAcreateserial", "-out", cert.name, "-days", "2", "-sha256", "-extfile", ext.name, cwd=d)  # fmt: skip
+                 "-CAcreateserial", "-out", cert.name, "-days", "2", "-sha256",
+                 "-extfile", ext.name, cwd=d)  # fmt: skip
         key.chmod(0o600)
         return cert, key
 
@@ -41,7 +44,8 @@ def make_ca(directory: Path, name: str = "ca") -> CA:
     key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     _openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", cert.name,
              "-days", "2", "-sha256", "-subj", f"/CN=fleetticketsd test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
              cwd=directory)  # fmt: skip
     return CA(cert, key)
 

@@ -43,6 +43,8 @@ WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 # What the engine writes (apply.py) and resolves geometry into (tickets.resolve_ticket_geo):
 # a table made with tickets.create_dataset_table has all of them.
 REQUIRED_TABLE_COLUMNS = frozenset({"ticket_id", "raw", "source_key", "updated_at", "geom", "geo_source"})
+# NULL when there is no such schema (the table check then says it does not exist).
+SCHEMA_USABLE = "SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = $1"
 # NULL when the session's role may do all a drain does to the table, else its name.
 MAY_WRITE_TABLE = """
 SELECT CASE WHEN has_table_privilege($1, 'SELECT') AND has_table_privilege($1, 'INSERT')
@@ -230,6 +232,12 @@ async def check_dataset(conn: asyncpg.Connection, dataset: DatasetConfig) -> str
         found = await layout.inspect(conn)
         if found.kind is not layout.Kind.EMPTY:
             return f"database holds {found.found}: {found.advice}"
+    if await conn.fetchval(SCHEMA_USABLE, dataset.table_schema) is False:
+        return (
+            f"datasets.{dataset.name}.table: role {await conn.fetchval('SELECT current_user')} may not use "
+            f"schema {dataset.table_schema}: run `fleetticketsd migrate`, which grants {roles.RUNTIME} "
+            "every configured dataset table and its schema"
+        )
     cols = {r["attname"] for r in await conn.fetch(TABLE_COLUMNS, dataset.table)}
     if not cols:
         return f"datasets.{dataset.name}.table: table {dataset.table} does not exist (run migrate?)"

@@ -44,6 +44,15 @@ def describe(exc: BaseException) -> str:
     return describe_s3(exc)
 
 
+def _precondition_failed(operation: str, message: str) -> ClientError:
+    """What a server that honours If-Match answers, for one that did not."""
+    response: Any = {
+        "Error": {"Code": "PreconditionFailed", "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": 412},
+    }
+    return ClientError(response, operation)
+
+
 def _is_code(exc: BaseException, *codes: str) -> bool:
     return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in codes
 
@@ -192,6 +201,13 @@ class S3Source:
         except (ClientError, BotoCoreError) as exc:
             raise SourceError("get", file.key, exc) from exc
         body = resp["Body"]
+        got = str(resp.get("ETag") or "").strip('"')
+        if got and got != file.etag:
+            # Not every server honours If-Match (s3rver ignores it): the answer's own
+            # ETag says which version this is, so the pin holds on all of them.
+            body.close()
+            changed = _precondition_failed("GetObject", f"the object changed since it was listed: ETag {got}")
+            raise SourceError("get", file.key, changed)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -259,7 +275,7 @@ class S3Source:
 
     async def _copy(self, file: ChangeFile, target: str) -> bool:
         try:
-            await self.client.copy_object(
+            resp = await self.client.copy_object(
                 Bucket=self.bucket,
                 Key=target,
                 CopySource={"Bucket": self.bucket, "Key": file.key},
@@ -271,4 +287,15 @@ class S3Source:
             raise SourceError("copy", file.key, exc) from exc
         except BotoCoreError as exc:
             raise SourceError("copy", file.key, exc) from exc
+        copied = str(resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"')
+        if copied and copied != file.etag and "-" not in file.etag:
+            # A server that ignores CopySourceIfMatch (s3rver) copied a newer upload:
+            # take the copy back and leave the new version in changes/ for the next
+            # pass, as a refused precondition would have. (A multipart ETag is not the
+            # copy's, which gets a plain MD5: those rely on the server's check alone.)
+            try:
+                await self.client.delete_object(Bucket=self.bucket, Key=target)
+            except (ClientError, BotoCoreError) as exc:
+                raise SourceError("delete", target, exc) from exc
+            return False
         return True

@@ -24,6 +24,7 @@ from fleetticketsd import feedgen
 from .conftest import REPO, Bucket, Daemon, admin_sql, csv_file, inc_key, poll, row, to_toml
 
 
+@pytest.mark.s3_servers
 def test_drains_on_start_serves_probes_and_reports_lag(
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
 ) -> None:
@@ -170,6 +171,7 @@ def sql_rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(go())
 
 
+@pytest.mark.s3_servers
 def test_a_skip_from_a_shell_clears_the_daemons_blocked_gauge(
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket
 ) -> None:

@@ -15,6 +15,9 @@ from fleetticketsd.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row
 
+# The S3-facing core: every test here runs against moto and against s3rver (conftest).
+pytestmark = pytest.mark.s3_servers
+
 
 def upload_sample(bucket: Bucket) -> list[str]:
     keys = []
@@ -482,3 +485,31 @@ async def test_a_file_the_database_refuses_blocks_at_its_key(
     assert report.blocked is not None and report.blocked.key == bad
     assert "database rejected the file" in report.blocked.reason and report.failed is None
     assert await conn.fetchval("SELECT blocked_key FROM tickets.import_meta WHERE dataset = 'inc'") == bad
+
+
+async def test_a_version_uploaded_after_the_listing_is_neither_read_nor_archived(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    """The ETag pin holds on servers that ignore If-Match and CopySourceIfMatch (s3rver)
+    as on those that honour them (moto, AWS, MinIO, RustFS)."""
+    from fleetticketsd.source import SourceError
+
+    ds = engine.config.dataset("inc")
+    key = inc_key("2026-06-22T10-00-00.csv")
+    bucket.put(key, csv_file(row("T1")))
+    [listed] = await engine.source.list_changes(ds)
+    fixed = csv_file(row("T1", owner="fixed"))
+    bucket.put(key, fixed)  # re-uploaded after the listing
+    with pytest.raises(SourceError) as err:
+        async with engine.source.open(listed, 4096) as chunks:
+            async for _ in chunks:
+                pass
+    assert "PreconditionFailed" in str(err.value)
+    assert await engine.source.archive(ds, listed) is False
+    assert bucket.keys("automations/inc/processed/") == []
+    assert bucket.get(key) == fixed.encode()
+    # The next pass applies the version that is there now.
+    report = await drain(engine, ds)
+    assert report.files_applied == 1
+    row_ = await ticket(conn, "T1")
+    assert row_ is not None and row_["owner"] == "fixed"

@@ -95,12 +95,32 @@ TLS_HINT = (
 )
 
 
+def _cert_error(exc: SSLError) -> ssl.SSLCertVerificationError | None:
+    """The verification failure inside botocore's SSLError, however wrapped: aiohttp's
+    ClientConnectorCertificateError (aiobotocore), urllib3's SSLError (botocore)."""
+    todo: list[Any] = [exc.kwargs.get("error")]
+    seen: set[int] = set()
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen or len(seen) > 20:
+            continue
+        seen.add(id(cur))
+        # aiohttp's wrapper is itself an ssl.CertificateError (an alias), without the
+        # attributes of the one OpenSSL raised: that one is inside it.
+        if isinstance(cur, ssl.SSLCertVerificationError) and hasattr(cur, "verify_message"):
+            return cur
+        for attr in ("certificate_error", "os_error", "reason", "__cause__", "__context__"):
+            todo.append(getattr(cur, attr, None))
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+    return None
+
+
 def _tls_reason(exc: SSLError) -> str:
     """What the TLS layer objected to, in its own words (without the stack of wrappers)."""
-    cause = exc.kwargs.get("error")
-    cert_error = getattr(cause, "certificate_error", None)  # aiohttp's ClientConnectorCertificateError
-    if isinstance(cert_error, ssl.SSLCertVerificationError):
+    cert_error = _cert_error(exc)
+    if cert_error is not None:
         return str(cert_error.verify_message or cert_error.reason or cert_error)
+    cause = exc.kwargs.get("error")
     inner = getattr(cause, "os_error", None) or cause
     if isinstance(inner, ssl.SSLError):
         return str(inner.reason or inner)
@@ -125,8 +145,7 @@ def describe(exc: BaseException) -> str:
         return line
     if isinstance(exc, SSLError):
         endpoint = _origin(str(exc.kwargs.get("endpoint_url", "?")))
-        cause = exc.kwargs.get("error")
-        if isinstance(getattr(cause, "certificate_error", None), ssl.SSLCertVerificationError):
+        if _cert_error(exc) is not None:
             return f"the TLS certificate of {endpoint} does not verify ({_tls_reason(exc)}): {TLS_HINT}"
         return (
             f"the TLS handshake with {endpoint} failed ({_tls_reason(exc)}): check that the endpoint "

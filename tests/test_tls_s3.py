@@ -140,3 +140,26 @@ def test_ca_bundle_that_cannot_be_read_is_a_config_error(
     res = run_cli("check-config", env=env)
     assert res.returncode == 2
     assert "s3.ca_bundle: cannot read" in res.stderr
+
+
+def test_make_run_keeps_a_bucket_whose_certificate_does_not_verify(
+    bucket: Bucket, https: TLSFront, unknown_ca: CA
+) -> None:
+    """`make run` falls back to its demo S3 only when nothing answers: a TLS server with
+    a certificate that does not verify is the user's, to be reported, not replaced."""
+    import importlib.util
+    import sys
+
+    from fleetticketsd.config import S3Config
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fleet_run_script", REPO / "scripts" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run_script = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fleet_run_script", run_script)
+    spec.loader.exec_module(run_script)
+    config = S3Config(endpoint_url=https.url, bucket=bucket.name, ca_bundle=str(unknown_ca.cert))
+    reachable, said = run_script.probe_bucket(config)
+    assert reachable, said
+    assert "does not verify" in said

@@ -230,26 +230,33 @@ async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
     pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
-            report = await adopt(conn, config.geocoder, dry_run=dry_run)
-            if not dry_run:
-                # The takeover replaced the tables: the roles' grants follow them.
+            try:
+                report = await adopt(conn, config.geocoder, dry_run=dry_run)
+            except AdoptionRefused as exc:
+                problems = "\n".join(f"  - {p}" for p in exc.problems)
+                raise CommandError(
+                    f"cannot adopt this database, nothing was changed:\n{problems}", EXIT_CONFIG
+                ) from exc
+            except (asyncpg.PostgresError, db.DatabaseError) as exc:
+                raise CommandError(f"adoption failed, nothing was changed: {exc}") from exc
+            print(report.render())
+            if dry_run:
+                return EXIT_OK
+            # The takeover replaced the tables: the roles' grants follow them (also on
+            # an adopted database, where this is a no-op migrate). The adoption itself
+            # is committed whatever happens here.
+            try:
                 await db.migrate(conn, dataset_tables=_dataset_tables(config))
-    except roles.RolesMissing as exc:
-        print(report.render())
-        raise CommandError(
-            f"adopted; but the migrating role may not create roles; {exc}\nthen run `fleetticketsd migrate`",
-            EXIT_CONFIG,
-        ) from exc
-    except AdoptionRefused as exc:
-        problems = "\n".join(f"  - {p}" for p in exc.problems)
-        raise CommandError(
-            f"cannot adopt this database, nothing was changed:\n{problems}", EXIT_CONFIG
-        ) from exc
-    except (asyncpg.PostgresError, db.DatabaseError) as exc:
-        raise CommandError(f"adoption failed, nothing was changed: {exc}") from exc
+            except roles.RolesMissing as exc:
+                raise CommandError(
+                    f"adopted; but the migrating role may not create roles; {exc}\n"
+                    "then run `fleetticketsd migrate`",
+                    EXIT_CONFIG,
+                ) from exc
+            except (asyncpg.PostgresError, db.DatabaseError) as exc:
+                raise CommandError(f"adopted; but granting the roles' rights failed: {exc}") from exc
     finally:
         await pool.close()
-    print(report.render())
     return EXIT_OK
 
 
@@ -385,6 +392,9 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
                     f"configuration error: {status.unreachable(config, exc)}", EXIT_CONFIG
                 ) from exc
             print(f"note: {status.unreachable(config, exc)}", file=sys.stderr)
+        except Exception as exc:
+            # (half a key pair raises a TypeError while signing); the file is still valid.
+            print(f"note: bucket not checked: {type(exc).__name__}: {exc}", file=sys.stderr)
     try:
         pool = await db.create_pool(config.database)
     except db.DatabaseError as exc:

@@ -15,8 +15,9 @@ from fleetticketsd.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row
 
-# The S3-facing core: every test here runs against moto and against s3rver (conftest).
-pytestmark = pytest.mark.s3_servers
+# The S3-facing tests (listing, reading, archiving, quarantining) run against moto and
+# against s3rver (conftest); the parser's and the database's, on moto only.
+both_servers = pytest.mark.s3_servers
 
 
 def upload_sample(bucket: Bucket) -> list[str]:
@@ -34,6 +35,7 @@ async def ticket(
     return await conn.fetchrow(f"SELECT * FROM {table} WHERE ticket_id = $1", ticket_id)
 
 
+@both_servers
 async def test_sample_feed_drains_in_order_and_archives(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -71,6 +73,7 @@ async def test_sample_feed_drains_in_order_and_archives(
     assert m.source_lag.labels("inc")._value.get() == 0
 
 
+@both_servers
 async def test_name_order_beats_last_modified(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -90,6 +93,7 @@ async def test_name_order_beats_last_modified(
     ]
 
 
+@both_servers
 async def test_other_objects_under_the_prefix_are_ignored(engine: Engine, bucket: Bucket) -> None:
     bucket.put("automations/inc/full/latest.csv", "junk")
     bucket.put(inc_key("notes.txt"), "junk")
@@ -100,6 +104,7 @@ async def test_other_objects_under_the_prefix_are_ignored(engine: Engine, bucket
     assert report.ok and report.files_applied == 0
 
 
+@both_servers
 async def test_already_applied_file_still_in_changes_is_only_archived(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,6 +135,7 @@ async def test_already_applied_file_still_in_changes_is_only_archived(
     assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 1
 
 
+@both_servers
 async def test_same_key_same_etag_is_never_applied_twice(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -145,6 +151,7 @@ async def test_same_key_same_etag_is_never_applied_twice(
     assert bucket.keys("automations/inc/changes/") == []
 
 
+@both_servers
 async def test_same_key_new_etag_is_a_reexport_applied_again(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -237,6 +244,7 @@ async def test_bom_crlf_and_multiline_fields(
     assert (await ticket(conn, "T1"))["location_name"] == loc  # type: ignore[index]
 
 
+@both_servers
 async def test_field_larger_than_csv_default_limit(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -266,6 +274,7 @@ async def test_field_larger_than_csv_default_limit(
     ],
     ids=["zero-byte", "missing-columns", "bad-utf8-late", "binary", "unterminated"],
 )
+@both_servers
 async def test_bad_file_halts_the_dataset_and_nothing_of_it_applies(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection, body: bytes, reason: str
 ) -> None:
@@ -297,6 +306,7 @@ async def test_bad_file_halts_the_dataset_and_nothing_of_it_applies(
     assert engine.metrics.dataset_blocked.labels("inc")._value.get() == 0
 
 
+@both_servers
 async def test_quarantine_moves_bad_file_aside_and_goes_on(
     make_config: object, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -369,6 +379,7 @@ async def test_two_drains_at_once_one_applies_one_skips(
     assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 5
 
 
+@both_servers
 async def test_reseed_reapplies_everything_under_changes(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -418,6 +429,7 @@ async def test_unreachable_bucket_fails_the_pass_at_list(config: Config, tmp_pat
     assert engine.metrics.poll_failures.labels("inc", "list")._value.get() == 1
 
 
+@both_servers
 async def test_reseed_with_nothing_under_changes_is_refused(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -487,6 +499,7 @@ async def test_a_file_the_database_refuses_blocks_at_its_key(
     assert await conn.fetchval("SELECT blocked_key FROM tickets.import_meta WHERE dataset = 'inc'") == bad
 
 
+@both_servers
 async def test_a_version_uploaded_after_the_listing_is_neither_read_nor_archived(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:

@@ -666,7 +666,12 @@ def test_the_daemon_on_the_legacy_database_is_live_not_ready_and_touches_nothing
 ) -> None:
     before, shape = contents(legacy), layout_of(legacy)
     d, _ = start_daemon(database={"url": legacy.url})
-    status, body = d.get("/readyz")
+    # /healthz answers before the pool is up: on a loaded machine /readyz first says
+    # "database not connected"; wait for the verdict on the layout.
+    status, body = poll(
+        lambda: (r := d.get("/readyz")) and "not connected" not in r[1] and r,
+        what="readyz's verdict on the layout",
+    )
     assert status == 503, body
     why = json.loads(body)["checks"]["migrations"]
     assert "legacy loader's database" in why and "migrate --adopt" in why

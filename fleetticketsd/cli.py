@@ -20,13 +20,14 @@ from typing import Any
 
 import asyncpg
 
-from . import __version__, db, logs, status
+from . import __version__, db, logs, roles, status
 from .actions import ActionError, load_file, skip
 from .adopt import foreign_write_warning
 from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
 from .drain import DrainReport, Engine, drain
 from .layout import LayoutError
 from .metrics import Metrics
+from .s3errors import tls_failed as futile_tls
 from .source import S3Source, SourceError
 from .terminal import DrainProgress, render_status
 
@@ -200,7 +201,15 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
                     print(f"pending: {m.version}")
                 print(f"{len(pending)} pending migration(s)" if pending else "schema is current")
                 return EXIT_FAIL if pending else EXIT_OK
-            applied = await db.migrate(conn, available)
+            applied = await db.migrate(conn, available, _dataset_tables(config))
+    except roles.RolesMissing as exc:
+        # The schema is migrated; only the cluster-wide roles need an administrator.
+        for v in exc.applied:
+            print(f"applied: {v}")
+        raise CommandError(
+            f"the migrating role may not create roles; {exc}\nthen run `fleetticketsd migrate` again",
+            EXIT_CONFIG,
+        ) from exc
     except db.DatabaseError as exc:
         raise CommandError(str(exc)) from exc
     finally:
@@ -211,23 +220,43 @@ async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dataset_tables(config: Config) -> list[str]:
+    return [ds.table for ds in config.datasets.values()]
+
+
 async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
     from .adopt import AdoptionRefused, adopt  # only this command needs the takeover
 
     pool = await _pool(config)
     try:
         async with pool.acquire() as conn:
-            report = await adopt(conn, config.geocoder, dry_run=dry_run)
-    except AdoptionRefused as exc:
-        problems = "\n".join(f"  - {p}" for p in exc.problems)
-        raise CommandError(
-            f"cannot adopt this database, nothing was changed:\n{problems}", EXIT_CONFIG
-        ) from exc
-    except (asyncpg.PostgresError, db.DatabaseError) as exc:
-        raise CommandError(f"adoption failed, nothing was changed: {exc}") from exc
+            try:
+                report = await adopt(conn, config.geocoder, dry_run=dry_run)
+            except AdoptionRefused as exc:
+                problems = "\n".join(f"  - {p}" for p in exc.problems)
+                raise CommandError(
+                    f"cannot adopt this database, nothing was changed:\n{problems}", EXIT_CONFIG
+                ) from exc
+            except (asyncpg.PostgresError, db.DatabaseError) as exc:
+                raise CommandError(f"adoption failed, nothing was changed: {exc}") from exc
+            print(report.render())
+            if dry_run:
+                return EXIT_OK
+            # The takeover replaced the tables: the roles' grants follow them (also on
+            # an adopted database, where this is a no-op migrate). The adoption itself
+            # is committed whatever happens here.
+            try:
+                await db.migrate(conn, dataset_tables=_dataset_tables(config))
+            except roles.RolesMissing as exc:
+                raise CommandError(
+                    f"adopted; but the migrating role may not create roles; {exc}\n"
+                    "then run `fleetticketsd migrate`",
+                    EXIT_CONFIG,
+                ) from exc
+            except (asyncpg.PostgresError, db.DatabaseError) as exc:
+                raise CommandError(f"adopted; but granting the roles' rights failed: {exc}") from exc
     finally:
         await pool.close()
-    print(report.render())
     return EXIT_OK
 
 
@@ -291,11 +320,16 @@ async def cmd_status(config: Config, args: argparse.Namespace) -> int:
         geo = await status.geocoder(engine, config)
         extra = dict(geo.rows()) if detailed else {}
         writers = await status.other_writers(engine)
+    # One line per distinct failure: a bucket that is down (or a certificate that does
+    # not verify) is one problem, not one per dataset.
+    by_error: dict[str, list[str]] = {}
     for name, error in report.source_errors.items():
+        by_error.setdefault(str(error), []).append(name)
+    for error, names in by_error.items():
         # CONTRACT: status exits 0. Without the bucket it still says what the database
         # knows, and says on stderr that the source half is as last seen.
         print(
-            f"fleetticketsd: {name}: {error}; newest key, pending files and lag "
+            f"fleetticketsd: {', '.join(names)}: {error}; newest key, pending files and lag "
             "are as the last listing saw them",
             file=sys.stderr,
         )
@@ -346,11 +380,26 @@ async def cmd_skip(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(json.dumps(redacted(config), indent=2))
-    # Tables can only be checked against a live database; an unreachable one is
-    # reported but does not make a valid file invalid.
+    # A certificate that does not verify is the configuration's fault (a CA not set):
+    # an error. An endpoint that does not answer is reported but does not make a valid
+    # file invalid; tables can only be checked against a live database.
+    async with S3Source(config.s3, max_attempts=1) as source:
+        try:
+            await source.check()
+        except SourceError as exc:
+            if futile_tls(exc):
+                raise CommandError(
+                    f"configuration error: {status.unreachable(config, exc)}", EXIT_CONFIG
+                ) from exc
+            print(f"note: {status.unreachable(config, exc)}", file=sys.stderr)
+        except Exception as exc:
+            # (half a key pair raises a TypeError while signing); the file is still valid.
+            print(f"note: bucket not checked: {type(exc).__name__}: {exc}", file=sys.stderr)
     try:
         pool = await db.create_pool(config.database)
     except db.DatabaseError as exc:
+        if exc.tls:
+            raise CommandError(f"configuration error: {exc}", EXIT_CONFIG) from exc
         print(f"note: database not reachable, tables not checked: {exc}", file=sys.stderr)
         return EXIT_OK
     try:

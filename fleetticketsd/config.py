@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -61,6 +61,10 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
+    # The CA (PEM) that signed the endpoint's certificate; None: the system's store.
+    ca_bundle: str | None = None
+    # false turns certificate verification off (a test bench only): warned at every start.
+    verify_tls: bool = True
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
 
@@ -220,6 +224,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RUSTFS_ENDPOINT_URL": ("s3", "endpoint_url"),
     "RUSTFS_BUCKET": ("s3", "bucket"),
     "RUSTFS_REGION": ("s3", "region"),
+    "RUSTFS_CA_BUNDLE": ("s3", "ca_bundle"),
     "GEOCODER_BASE_URL": ("geocoder", "base_url"),
 }
 # Secrets: only ever read from the environment.
@@ -229,6 +234,11 @@ ENV_SECRETS: dict[str, tuple[str, str]] = {
     "GEOCODER_API_KEY": ("geocoder", "api_key"),
 }
 SECRET_FIELDS = {"access_key_id", "secret_access_key", "api_key"}
+# Every secret variable may instead be given as <NAME>_FILE (Docker and Kubernetes
+# secrets are files): the file's content, one trailing newline stripped, is the value.
+FILE_SECRETS = ("DATABASE_URL", "RUSTFS_ACCESS_KEY_ID", "RUSTFS_SECRET_ACCESS_KEY", "GEOCODER_API_KEY")
+# Honoured by every AWS SDK; ours (ca_bundle, RUSTFS_CA_BUNDLE) wins when both are set.
+AWS_CA_BUNDLE_ENV = "AWS_CA_BUNDLE"
 
 _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
@@ -263,7 +273,34 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return parse(data, env, source_path=str(p))
 
 
+def resolve_secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with each ``<NAME>_FILE`` of FILE_SECRETS read into ``NAME``.
+
+    Errors name the variable and the path, never the content: a file holding the
+    value in the wrong variable must not end up in a log."""
+    out = dict(env)
+    for name in FILE_SECRETS:
+        file_var = f"{name}_FILE"
+        path = env.get(file_var)
+        if not path:
+            continue
+        if env.get(name):
+            raise ConfigError(file_var, f"both {name} and {file_var} are set; set only one")
+        try:
+            value = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ConfigError(file_var, f"cannot read the file {path}: {reason}") from None
+        value = value[:-1] if value.endswith("\n") else value
+        value = value[:-1] if value.endswith("\r") else value
+        if not value:
+            raise ConfigError(file_var, f"the file {path} is empty")
+        out[name] = value
+    return out
+
+
 def parse(data: Mapping[str, Any], env: Mapping[str, str], source_path: str | None = None) -> Config:
+    env = resolve_secret_files(env)
     unknown = set(data) - set(_SECTIONS) - {"datasets"}
     if unknown:
         key = sorted(unknown)[0]
@@ -273,7 +310,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source_path: str | No
         raw = dict(_table(data.get(name, {}), name))
         for secret in SECRET_FIELDS & set(raw):
             raise ConfigError(f"{name}.{secret}", "secrets are read only from the environment")
-        if name == "database" and isinstance(raw.get("url"), str) and urlsplit(raw["url"]).password:
+        if name == "database" and isinstance(raw.get("url"), str) and _url_has_password(raw["url"]):
             raise ConfigError("database.url", "holds a password; put it in DATABASE_URL or PGPASSWORD")
         for var, (section, key) in ENV_OVERRIDES.items():
             if section == name and env.get(var):
@@ -281,6 +318,8 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source_path: str | No
         for var, (section, key) in ENV_SECRETS.items():
             if section == name and env.get(var):
                 raw[key] = env[var]
+        if name == "s3" and not raw.get("ca_bundle") and env.get(AWS_CA_BUNDLE_ENV):
+            raw["ca_bundle"] = env[AWS_CA_BUNDLE_ENV]
         sections[name] = _build(cls, raw, name)
     if sections["s3"].endpoint_url == "":
         # Empty means "no custom endpoint": plain AWS S3, endpoint from the region.
@@ -289,6 +328,13 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source_path: str | No
     config = Config(**sections, datasets=datasets, source_path=source_path)
     _validate(config)
     return config
+
+
+def _url_has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or any(
+        unquote(p.partition("=")[0]).lower() == "password" for p in parts.query.split("&") if p
+    )
 
 
 def _table(value: Any, key: str) -> Mapping[str, Any]:
@@ -377,6 +423,12 @@ def _validate(config: Config) -> None:
     for ds in config.datasets.values():
         if tables.count(ds.table) > 1:
             raise ConfigError(f"datasets.{ds.name}.table", f"{ds.table} is used by more than one dataset")
+    if config.s3.ca_bundle is not None:
+        try:
+            with open(config.s3.ca_bundle, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError("s3.ca_bundle", f"cannot read {config.s3.ca_bundle}: {exc.strerror}") from None
     url = urlsplit(config.database.url)
     if url.scheme not in ("postgresql", "postgres"):
         raise ConfigError("database.url", "must be a postgresql:// URL")
@@ -485,13 +537,25 @@ def _check_cron(key: str, expr: str, tz: str) -> None:
 # --- printing ----------------------------------------------------------------------
 
 
+# libpq URL parameters that carry a secret (the password, the client key's passphrase).
+SECRET_URL_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***: in the authority and in the query."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        user = (parts.username or "") + ":***"
+        parts = parts._replace(netloc=f"{user}@{netloc[-1]}")
+    if parts.query:
+        params = [p.partition("=") for p in parts.query.split("&")]
+        query = "&".join(
+            f"{k}={'***' if unquote(k).lower() in SECRET_URL_PARAMS else v}" if eq else k
+            for k, eq, v in params
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def redacted(config: Config) -> dict[str, Any]:

@@ -8,13 +8,16 @@ makes concurrent ``migrate`` runs (several replicas starting at once) take turns
 from __future__ import annotations
 
 import hashlib
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from . import layout
+from . import layout, roles
 from .config import DatabaseConfig, DatasetConfig
 
 # Two-int advisory lock keys: (namespace, item). The namespace keeps ours apart from
@@ -40,6 +43,14 @@ WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 # What the engine writes (apply.py) and resolves geometry into (tickets.resolve_ticket_geo):
 # a table made with tickets.create_dataset_table has all of them.
 REQUIRED_TABLE_COLUMNS = frozenset({"ticket_id", "raw", "source_key", "updated_at", "geom", "geo_source"})
+# NULL when there is no such schema (the table check then says it does not exist).
+SCHEMA_USABLE = "SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = $1"
+# NULL when the session's role may do all a drain does to the table, else its name.
+MAY_WRITE_TABLE = """
+SELECT CASE WHEN has_table_privilege($1, 'SELECT') AND has_table_privilege($1, 'INSERT')
+             AND has_table_privilege($1, 'UPDATE') AND has_table_privilege($1, 'DELETE')
+            THEN NULL ELSE current_user::text END
+"""
 FUNCTION_EXISTS = """
 SELECT EXISTS (
     SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -49,7 +60,12 @@ SELECT EXISTS (
 
 
 class DatabaseError(Exception):
-    """The database is unreachable or not in the shape this version needs."""
+    """The database is unreachable or not in the shape this version needs; ``tls``: its
+    certificate did not verify (a configuration problem, not an outage)."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -75,10 +91,35 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
                 "statement_timeout": str(int(config.statement_timeout_s * 1000)),
             },
         )
+    except ssl.SSLCertVerificationError as exc:
+        raise DatabaseError(tls_failure(config.url, exc), tls=True) from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to the database ({describe_url(config.url)}): {exc}") from exc
     assert pool is not None
     return pool
+
+
+def tls_failure(url: str, exc: ssl.SSLCertVerificationError) -> str:
+    """One line for a server certificate that does not verify: the host, why, what to fix."""
+    reason = exc.verify_message or exc.reason or str(exc)
+    return (
+        f"the TLS certificate of the database server {database_host(url)} does not verify ({reason}): "
+        "set sslrootcert in the URL to the CA that signed it (and, with sslmode=verify-full, "
+        "connect by a name the certificate holds)"
+    )
+
+
+def database_host(url: str) -> str:
+    """host:port the URL connects to (libpq's ``host``/``port`` parameters win), for errors."""
+    parts = urlsplit(url)
+    query = dict(p.partition("=")[::2] for p in parts.query.split("&") if p)
+    host = unquote(query.get("host", "")) or parts.hostname or "localhost"
+    try:
+        url_port = parts.port
+    except ValueError:  # several hosts: host1:5432,host2:5432
+        url_port = None
+    port = unquote(query.get("port", "")) or (str(url_port) if url_port else "5432")
+    return f"{host}:{port}"
 
 
 def describe_url(url: str) -> str:
@@ -140,15 +181,28 @@ async def changed_migrations(conn: asyncpg.Connection, available: list[Migration
     return [m.version for m in available if m.version in applied and applied[m.version] != m.checksum]
 
 
-async def migrate(conn: asyncpg.Connection, available: list[Migration] | None = None) -> list[str]:
-    """Apply pending migrations in order; return the versions applied.
+async def migrate(
+    conn: asyncpg.Connection, available: list[Migration] | None = None, dataset_tables: Sequence[str] = ()
+) -> list[str]:
+    """Apply pending migrations in order, then make the roles' grants current (every
+    time, also when nothing was pending: roles.py); return the versions applied.
 
-    Raises LayoutError, having changed nothing, on a database laid out by someone else."""
+    Raises LayoutError, having changed nothing, on a database laid out by someone else;
+    roles.RolesMissing, with the migrations applied, when an administrator must create
+    the roles."""
     available = load_migrations() if available is None else available
     await conn.execute("SELECT pg_advisory_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK_ITEM)
     try:
         pending = await pending_migrations(conn, available)  # checks the layout first
-        return await apply_migrations(conn, pending)
+        done = await apply_migrations(conn, pending)
+        try:
+            await roles.ensure(conn, dataset_tables)
+        except roles.RolesMissing as exc:
+            exc.applied = done
+            raise
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"granting the roles' rights failed: {exc}") from exc
+        return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK_ITEM)
 
@@ -178,6 +232,12 @@ async def check_dataset(conn: asyncpg.Connection, dataset: DatasetConfig) -> str
         found = await layout.inspect(conn)
         if found.kind is not layout.Kind.EMPTY:
             return f"database holds {found.found}: {found.advice}"
+    if await conn.fetchval(SCHEMA_USABLE, dataset.table_schema) is False:
+        return (
+            f"datasets.{dataset.name}.table: role {await conn.fetchval('SELECT current_user')} may not use "
+            f"schema {dataset.table_schema}: run `fleetticketsd migrate`, which grants {roles.RUNTIME} "
+            "every configured dataset table and its schema"
+        )
     cols = {r["attname"] for r in await conn.fetch(TABLE_COLUMNS, dataset.table)}
     if not cols:
         return f"datasets.{dataset.name}.table: table {dataset.table} does not exist (run migrate?)"
@@ -186,6 +246,13 @@ async def check_dataset(conn: asyncpg.Connection, dataset: DatasetConfig) -> str
         return (
             f"datasets.{dataset.name}.table: {dataset.table} is not a ticket table "
             f"(lacks {', '.join(sorted(missing))})"
+        )
+    user = await conn.fetchval(MAY_WRITE_TABLE, dataset.table)
+    if user is not None:
+        return (
+            f"datasets.{dataset.name}.table: role {user} may not write {dataset.table} "
+            f"(needs SELECT, INSERT, UPDATE, DELETE): run `fleetticketsd migrate`, which grants "
+            f"{roles.RUNTIME} every configured dataset table, and make {user} a member of it"
         )
     for hook in dataset.post_apply:
         if not await conn.fetchval(FUNCTION_EXISTS, dataset.table_schema, hook):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from botocore.retries.quota import RetryQuota
 from botocore.retries.standard import ExponentialBackoff, RetryEventAdapter, RetryQuotaChecker
@@ -77,9 +79,52 @@ def credentials_refused(exc: BaseException | None) -> bool:
     return status == 403 and _code(exc) in CREDENTIAL_CODES
 
 
+def tls_failed(exc: BaseException | None) -> bool:
+    """TLS with the endpoint failed (a certificate that does not verify, most often)."""
+    return isinstance(exc, SSLError) or isinstance(getattr(exc, "__cause__", None), SSLError)
+
+
 def futile(exc: BaseException | None) -> bool:
     """True when retrying the same request soon cannot succeed (an operator must act)."""
-    return credentials_refused(exc) or bool(getattr(exc, "tls", False))
+    return credentials_refused(exc) or isinstance(exc, SSLError) or bool(getattr(exc, "tls", False))
+
+
+TLS_HINT = (
+    "set [s3] ca_bundle (or RUSTFS_CA_BUNDLE) to the CA that signed the endpoint's certificate; "
+    "retrying cannot help until then"
+)
+
+
+def _cert_error(exc: SSLError) -> ssl.SSLCertVerificationError | None:
+    """The verification failure inside botocore's SSLError, however wrapped: aiohttp's
+    ClientConnectorCertificateError (aiobotocore), urllib3's SSLError (botocore)."""
+    todo: list[Any] = [exc.kwargs.get("error")]
+    seen: set[int] = set()
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen or len(seen) > 20:
+            continue
+        seen.add(id(cur))
+        # aiohttp's wrapper is itself an ssl.CertificateError (an alias), without the
+        # attributes of the one OpenSSL raised: that one is inside it.
+        if isinstance(cur, ssl.SSLCertVerificationError) and hasattr(cur, "verify_message"):
+            return cur
+        for attr in ("certificate_error", "os_error", "reason", "__cause__", "__context__"):
+            todo.append(getattr(cur, attr, None))
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+    return None
+
+
+def _tls_reason(exc: SSLError) -> str:
+    """What the TLS layer objected to, in its own words (without the stack of wrappers)."""
+    cert_error = _cert_error(exc)
+    if cert_error is not None:
+        return str(cert_error.verify_message or cert_error.reason or cert_error)
+    cause = exc.kwargs.get("error")
+    inner = getattr(cause, "os_error", None) or cause
+    if isinstance(inner, ssl.SSLError):
+        return str(inner.reason or inner)
+    return str(inner if inner is not None else exc)
 
 
 def describe(exc: BaseException) -> str:
@@ -98,6 +143,14 @@ def describe(exc: BaseException) -> str:
         if credentials_refused(exc):
             line += f"; {CREDENTIALS_HINT}"
         return line
+    if isinstance(exc, SSLError):
+        endpoint = _origin(str(exc.kwargs.get("endpoint_url", "?")))
+        if _cert_error(exc) is not None:
+            return f"the TLS certificate of {endpoint} does not verify ({_tls_reason(exc)}): {TLS_HINT}"
+        return (
+            f"the TLS handshake with {endpoint} failed ({_tls_reason(exc)}): check that the endpoint "
+            "speaks HTTPS and that [s3] ca_bundle (or RUSTFS_CA_BUNDLE) is the CA that signed its certificate"
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         endpoint = str(exc.kwargs.get("endpoint_url", "?"))
         return f"cannot connect to {_origin(endpoint)}: {_connect_cause(exc)} ({type(exc).__name__})"
@@ -179,6 +232,9 @@ class _Retries(AioRetryHandler):  # type: ignore[misc]  # aiobotocore is untyped
         self._on_retry = on_retry
 
     async def needs_retry(self, **kwargs: Any) -> float | None:
+        if isinstance(kwargs.get("caught_exception"), SSLError):
+            # A certificate that does not verify now will not verify in a second either.
+            return None
         delay: float | None = await super().needs_retry(**kwargs)
         if delay is None:
             return None

@@ -19,6 +19,7 @@ from typing import Any, Self
 
 import aioboto3
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -26,6 +27,8 @@ from .config import DatasetConfig, S3Config
 from .feed import file_name, key_timestamp
 from .s3errors import OnRetry, install_retries
 from .s3errors import describe as describe_s3
+
+log = structlog.get_logger("fleetticketsd.source")
 
 
 class SourceError(Exception):
@@ -39,6 +42,15 @@ class SourceError(Exception):
 
 def describe(exc: BaseException) -> str:
     return describe_s3(exc)
+
+
+def _precondition_failed(operation: str, message: str) -> ClientError:
+    """What a server that honours If-Match answers, for one that did not."""
+    response: Any = {
+        "Error": {"Code": "PreconditionFailed", "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": 412},
+    }
+    return ClientError(response, operation)
 
 
 def _is_code(exc: BaseException, *codes: str) -> bool:
@@ -84,8 +96,16 @@ class S3Source:
         self._client: Any = None
 
     async def __aenter__(self) -> Self:
+        if not self.config.verify_tls:
+            log.warning(
+                "TLS certificate verification of the S3 endpoint is off ([s3] verify_tls = false): "
+                "anyone on the network path can read and alter the feed; for a test bench only",
+                endpoint=self.config.endpoint_url,
+            )
         self._client = await self._stack.enter_async_context(
-            self._session.client("s3", endpoint_url=self.config.endpoint_url, config=self._boto_config)
+            self._session.client(
+                "s3", endpoint_url=self.config.endpoint_url, config=self._boto_config, verify=self._verify()
+            )
         )
         install_retries(self._client, self.max_attempts, self._on_retry)
         return self
@@ -94,6 +114,13 @@ class S3Source:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    def _verify(self) -> bool | str | None:
+        """botocore's ``verify``: False (off), a CA bundle's path, or None (the system's
+        store; config.py has already resolved AWS_CA_BUNDLE into ca_bundle)."""
+        if not self.config.verify_tls:
+            return False
+        return self.config.ca_bundle
 
     @property
     def client(self) -> Any:
@@ -174,6 +201,13 @@ class S3Source:
         except (ClientError, BotoCoreError) as exc:
             raise SourceError("get", file.key, exc) from exc
         body = resp["Body"]
+        got = str(resp.get("ETag") or "").strip('"')
+        if got and got != file.etag:
+            # Not every server honours If-Match (s3rver ignores it): the answer's own
+            # ETag says which version this is, so the pin holds on all of them.
+            body.close()
+            changed = _precondition_failed("GetObject", f"the object changed since it was listed: ETag {got}")
+            raise SourceError("get", file.key, changed)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -241,7 +275,7 @@ class S3Source:
 
     async def _copy(self, file: ChangeFile, target: str) -> bool:
         try:
-            await self.client.copy_object(
+            resp = await self.client.copy_object(
                 Bucket=self.bucket,
                 Key=target,
                 CopySource={"Bucket": self.bucket, "Key": file.key},
@@ -253,4 +287,15 @@ class S3Source:
             raise SourceError("copy", file.key, exc) from exc
         except BotoCoreError as exc:
             raise SourceError("copy", file.key, exc) from exc
+        copied = str(resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"')
+        if copied and copied != file.etag and "-" not in file.etag:
+            # A server that ignores CopySourceIfMatch (s3rver) copied a newer upload:
+            # take the copy back and leave the new version in changes/ for the next
+            # pass, as a refused precondition would have. (A multipart ETag is not the
+            # copy's, which gets a plain MD5: those rely on the server's check alone.)
+            try:
+                await self.client.delete_object(Bucket=self.bucket, Key=target)
+            except (ClientError, BotoCoreError) as exc:
+                raise SourceError("delete", target, exc) from exc
+            return False
         return True

@@ -56,10 +56,11 @@ try:
     import asyncpg
     import boto3
     from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, SSLError
 
     from fleetticketsd import feedgen
     from fleetticketsd.config import Config, ConfigError, S3Config, load, redact_url, resolve_path
+    from fleetticketsd.s3errors import describe as describe_s3
 except ImportError as exc:  # run outside the project's virtualenv
     sys.exit(f"run.py: {exc}. Start it with `make run`, which installs the project first.")
 
@@ -364,6 +365,8 @@ def probe_bucket(s3: S3Config) -> tuple[bool, str]:
         region_name=s3.region,
         aws_access_key_id=s3.access_key_id,
         aws_secret_access_key=s3.secret_access_key,
+        # As the daemon verifies (source.py): off, the configured CA, or the system's.
+        verify=False if not s3.verify_tls else s3.ca_bundle,
         config=BotoConfig(
             connect_timeout=PROBE_TIMEOUT_S,
             read_timeout=PROBE_TIMEOUT_S,
@@ -384,6 +387,10 @@ def probe_bucket(s3: S3Config) -> tuple[bool, str]:
             if reachable
             else "no S3 endpoint configured and no AWS credentials found"
         )
+    except SSLError as exc:
+        # Something answers TLS there, with a certificate that does not verify: the
+        # user's server, misconfigured; never a reason to fall back to the demo S3.
+        return True, f"{where}: {describe_s3(exc)}; the daemon will report it until fixed"
     except BotoCoreError as exc:
         return False, f"{where}: {exc}"
     return True, f"{where} is reachable"

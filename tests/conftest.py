@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,62 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+# The second S3 implementation (README, "Testing"): s3rver, an npm package that .ci/run
+# installs with `npm ci` from tests/s3rver/package-lock.json into .tools/s3rver/.
+S3_SERVERS = ("moto", "s3rver")
+S3RVER_DIR = REPO / "tests" / "s3rver"
+S3RVER_MODULES = Path(
+    os.environ.get("FLEETTICKETSD_S3RVER_MODULES", REPO / ".tools" / "s3rver" / "node_modules")
+)
+# Set by .ci/run: there a missing s3rver fails the run instead of skipping its half.
+REQUIRE_S3RVER = os.environ.get("FLEETTICKETSD_REQUIRE_S3RVER") == "1"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``s3_servers`` (the S3-facing core: engine, pipeline, archive,
+    quarantine, daemon) run once per server; the rest of the suite on moto only."""
+    if metafunc.definition.get_closest_marker("s3_servers") and "s3_server" in metafunc.fixturenames:
+        metafunc.parametrize("s3_server", S3_SERVERS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def s3rver_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    node = shutil.which("node")
+    if node is None or not (S3RVER_MODULES / "s3rver").is_dir():
+        message = (
+            f"s3rver is not installed (looked in {S3RVER_MODULES}): run .ci/run, or "
+            f"`mkdir -p .tools/s3rver && cp {S3RVER_DIR.relative_to(REPO)}/package*.json .tools/s3rver/ "
+            "&& npm ci --prefix .tools/s3rver`"
+        )
+        if REQUIRE_S3RVER:
+            pytest.fail(message)
+        pytest.skip(message)
+    port = free_port()
+    env = {**os.environ, "S3RVER_NODE_MODULES": str(S3RVER_MODULES)}
+    # s3rver's continuation tokens use DES, which OpenSSL 3 keeps in its legacy provider:
+    # without it, every truncated listing (MaxKeys, pagination) is an InternalError.
+    proc = subprocess.Popen(
+        [node, "--openssl-legacy-provider", str(S3RVER_DIR / "serve.js"), str(port),
+         str(tmp_path_factory.mktemp("s3rver"))],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "ready", or why not (it exits)
+        if line.strip() != "ready":
+            raise RuntimeError(f"s3rver did not start: {line}{proc.stdout.read()}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_server(request: pytest.FixtureRequest) -> str:
+    """Which S3 implementation this test's bucket lives on: moto unless parametrised."""
+    return str(getattr(request, "param", "moto"))
+
+
 @dataclass
 class Bucket:
     name: str
@@ -125,7 +182,8 @@ _bucket_ids = itertools.count()
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> Bucket:
+def bucket(request: pytest.FixtureRequest, s3_server: str) -> Bucket:
+    s3_endpoint = str(request.getfixturevalue("s3rver_endpoint" if s3_server == "s3rver" else "s3_endpoint"))
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     name = f"t{os.getpid()}-{next(_bucket_ids)}"
     client.create_bucket(Bucket=name)

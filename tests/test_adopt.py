@@ -666,7 +666,12 @@ def test_the_daemon_on_the_legacy_database_is_live_not_ready_and_touches_nothing
 ) -> None:
     before, shape = contents(legacy), layout_of(legacy)
     d, _ = start_daemon(database={"url": legacy.url})
-    status, body = d.get("/readyz")
+    # /healthz answers before the pool is up: on a loaded machine /readyz first says
+    # "database not connected"; wait for the verdict on the layout.
+    status, body = poll(
+        lambda: (r := d.get("/readyz")) and "not connected" not in r[1] and r,
+        what="readyz's verdict on the layout",
+    )
     assert status == 503, body
     why = json.loads(body)["checks"]["migrations"]
     assert "legacy loader's database" in why and "migrate --adopt" in why
@@ -716,3 +721,25 @@ def test_a_loader_left_running_after_the_cutover_is_stopped_by_the_schema_and_wa
         what="warning",
     )
     assert (d.metric("fleettickets_foreign_writes") or 0) >= 1
+
+
+def test_the_runtime_and_reader_roles_work_after_adoption(
+    legacy: Legacy, env_for: Callable[..., dict[str, str]]
+) -> None:
+    from fleetticketsd import roles
+
+    from .test_roles import login_role, refused
+
+    res = run_cli("migrate", "--adopt", env=env_for(legacy.url))
+    assert res.returncode == 0, res.stderr
+    with login_role(roles.RUNTIME) as runtime:
+        drain = run_cli("drain", env=env_for(legacy.url.replace("postgres@", f"{runtime}@")))
+        assert drain.returncode == 0, drain.stderr
+        assert "permission denied" not in drain.stderr
+    with login_role(roles.READER) as reader:
+        as_reader = legacy.url.replace("postgres@", f"{reader}@")
+        assert asyncio.run(_fetch(as_reader, "SELECT reporting.fn_tickets_for_map() IS NOT NULL"))[0][0]
+        got = asyncio.run(_fetch(as_reader, "SELECT count(*) FROM tickets.inc"))
+        assert got[0][0] == legacy.value("SELECT count(*) FROM tickets.inc")
+        assert refused(as_reader, "SELECT * FROM tickets.ingest_files")
+        assert refused(as_reader, "SELECT * FROM tickets_legacy.inc")

@@ -24,6 +24,7 @@ from fleetticketsd import feedgen
 from .conftest import REPO, Bucket, Daemon, admin_sql, csv_file, inc_key, poll, row, to_toml
 
 
+@pytest.mark.s3_servers
 def test_drains_on_start_serves_probes_and_reports_lag(
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket, db_url: str
 ) -> None:
@@ -170,6 +171,7 @@ def sql_rows(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(go())
 
 
+@pytest.mark.s3_servers
 def test_a_skip_from_a_shell_clears_the_daemons_blocked_gauge(
     start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]], bucket: Bucket
 ) -> None:
@@ -217,7 +219,8 @@ def test_database_outage_readyz_fails_then_pass_resumes(
         admin_sql(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
     poll(lambda: d.get("/readyz")[0] == 200, what="readyz 200 again")
     poll(lambda: d.metric("fleettickets_files_applied_total", dataset="inc") == 1, what="file applied")
-    assert bucket.keys("automations/inc/changes/") == []
+    # The archive move follows the commit the counter reports (pipeline.py): wait for it.
+    poll(lambda: bucket.keys("automations/inc/changes/") == [], what="file archived")
 
 
 def _big_file(tmp_path: Path, rows: int) -> bytes:

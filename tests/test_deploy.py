@@ -167,6 +167,30 @@ def test_compose_daemon_runs_and_migrate_migrates(compose: dict[str, Any]) -> No
     assert _command(services["migrate"]) == ["migrate"]
 
 
+def test_compose_daemon_runs_as_a_runtime_member_and_only_migrate_as_the_owner(
+    compose: dict[str, Any],
+) -> None:
+    from urllib.parse import urlsplit
+
+    services = compose["services"]
+    owner = services["postgres"]["environment"]["POSTGRES_USER"]
+    users = {
+        name: urlsplit(services[name]["environment"]["DATABASE_URL"]).username
+        for name in services
+        if "DATABASE_URL" in (services[name].get("environment") or {})
+    }
+    assert users == {"migrate": owner, "fleetticketsd": "fleetticketsd_daemon"}
+    init = REPO / "deploy" / "postgres" / "10-fleetticketsd-roles.sh"
+    assert any(
+        str(v).startswith("./deploy/postgres/10-fleetticketsd-roles.sh:")
+        for v in services["postgres"]["volumes"]
+    )
+    assert (
+        "CREATE ROLE fleetticketsd_daemon LOGIN PASSWORD :'daemon_password' IN ROLE fleetticketsd_runtime;"
+        in (init.read_text())
+    )
+
+
 def test_compose_daemon_waits_for_migrations(compose: dict[str, Any]) -> None:
     # The daemon's readiness requires current migrations; starting it first only flaps.
     deps = compose["services"]["fleetticketsd"]["depends_on"]

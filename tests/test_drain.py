@@ -15,6 +15,10 @@ from fleetticketsd.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row
 
+# The S3-facing tests (listing, reading, archiving, quarantining) run against moto and
+# against s3rver (conftest); the parser's and the database's, on moto only.
+both_servers = pytest.mark.s3_servers
+
 
 def upload_sample(bucket: Bucket) -> list[str]:
     keys = []
@@ -31,6 +35,7 @@ async def ticket(
     return await conn.fetchrow(f"SELECT * FROM {table} WHERE ticket_id = $1", ticket_id)
 
 
+@both_servers
 async def test_sample_feed_drains_in_order_and_archives(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -68,6 +73,7 @@ async def test_sample_feed_drains_in_order_and_archives(
     assert m.source_lag.labels("inc")._value.get() == 0
 
 
+@both_servers
 async def test_name_order_beats_last_modified(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -87,6 +93,7 @@ async def test_name_order_beats_last_modified(
     ]
 
 
+@both_servers
 async def test_other_objects_under_the_prefix_are_ignored(engine: Engine, bucket: Bucket) -> None:
     bucket.put("automations/inc/full/latest.csv", "junk")
     bucket.put(inc_key("notes.txt"), "junk")
@@ -97,6 +104,7 @@ async def test_other_objects_under_the_prefix_are_ignored(engine: Engine, bucket
     assert report.ok and report.files_applied == 0
 
 
+@both_servers
 async def test_already_applied_file_still_in_changes_is_only_archived(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,6 +135,7 @@ async def test_already_applied_file_still_in_changes_is_only_archived(
     assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 1
 
 
+@both_servers
 async def test_same_key_same_etag_is_never_applied_twice(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -142,6 +151,7 @@ async def test_same_key_same_etag_is_never_applied_twice(
     assert bucket.keys("automations/inc/changes/") == []
 
 
+@both_servers
 async def test_same_key_new_etag_is_a_reexport_applied_again(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -234,6 +244,7 @@ async def test_bom_crlf_and_multiline_fields(
     assert (await ticket(conn, "T1"))["location_name"] == loc  # type: ignore[index]
 
 
+@both_servers
 async def test_field_larger_than_csv_default_limit(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -263,6 +274,7 @@ async def test_field_larger_than_csv_default_limit(
     ],
     ids=["zero-byte", "missing-columns", "bad-utf8-late", "binary", "unterminated"],
 )
+@both_servers
 async def test_bad_file_halts_the_dataset_and_nothing_of_it_applies(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection, body: bytes, reason: str
 ) -> None:
@@ -294,6 +306,7 @@ async def test_bad_file_halts_the_dataset_and_nothing_of_it_applies(
     assert engine.metrics.dataset_blocked.labels("inc")._value.get() == 0
 
 
+@both_servers
 async def test_quarantine_moves_bad_file_aside_and_goes_on(
     make_config: object, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -366,6 +379,7 @@ async def test_two_drains_at_once_one_applies_one_skips(
     assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == 5
 
 
+@both_servers
 async def test_reseed_reapplies_everything_under_changes(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -415,6 +429,7 @@ async def test_unreachable_bucket_fails_the_pass_at_list(config: Config, tmp_pat
     assert engine.metrics.poll_failures.labels("inc", "list")._value.get() == 1
 
 
+@both_servers
 async def test_reseed_with_nothing_under_changes_is_refused(
     engine: Engine, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
@@ -482,3 +497,32 @@ async def test_a_file_the_database_refuses_blocks_at_its_key(
     assert report.blocked is not None and report.blocked.key == bad
     assert "database rejected the file" in report.blocked.reason and report.failed is None
     assert await conn.fetchval("SELECT blocked_key FROM tickets.import_meta WHERE dataset = 'inc'") == bad
+
+
+@both_servers
+async def test_a_version_uploaded_after_the_listing_is_neither_read_nor_archived(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    """The ETag pin holds on servers that ignore If-Match and CopySourceIfMatch (s3rver)
+    as on those that honour them (moto, AWS, MinIO, RustFS)."""
+    from fleetticketsd.source import SourceError
+
+    ds = engine.config.dataset("inc")
+    key = inc_key("2026-06-22T10-00-00.csv")
+    bucket.put(key, csv_file(row("T1")))
+    [listed] = await engine.source.list_changes(ds)
+    fixed = csv_file(row("T1", owner="fixed"))
+    bucket.put(key, fixed)  # re-uploaded after the listing
+    with pytest.raises(SourceError) as err:
+        async with engine.source.open(listed, 4096) as chunks:
+            async for _ in chunks:
+                pass
+    assert "PreconditionFailed" in str(err.value)
+    assert await engine.source.archive(ds, listed) is False
+    assert bucket.keys("automations/inc/processed/") == []
+    assert bucket.get(key) == fixed.encode()
+    # The next pass applies the version that is there now.
+    report = await drain(engine, ds)
+    assert report.files_applied == 1
+    row_ = await ticket(conn, "T1")
+    assert row_ is not None and row_["owner"] == "fixed"

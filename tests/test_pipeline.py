@@ -21,6 +21,9 @@ from fleetticketsd.source import ChangeFile, S3Source, SourceError
 
 from .conftest import REPO, Bucket, csv_file, inc_key, poll, row, spawn_cli
 
+# The S3-facing core: every test here runs against moto and against s3rver (conftest).
+pytestmark = pytest.mark.s3_servers
+
 
 def name(i: int) -> str:
     return f"2026-06-22T10-{i // 60:02d}-{i % 60:02d}.csv"

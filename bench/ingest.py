@@ -46,13 +46,14 @@ import boto3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleetticketsd import db, feedgen
-from fleetticketsd.apply import GUARDED_CONFLICT, RAW_EXPR
+from fleetticketsd import feedgen
 from fleetticketsd.config import Config, parse
-from fleetticketsd.drain import Engine, drain
-from fleetticketsd.feed import COLUMNS, SENTINEL_PREFIX
+from fleetticketsd.database import db
+from fleetticketsd.ingest.apply import GUARDED_CONFLICT, RAW_EXPR
+from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.feed import COLUMNS, SENTINEL_PREFIX
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 ADMIN_URL = os.environ.get("FLEETTICKETSD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BUCKET = "bench"

@@ -60,8 +60,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fleetticketsd import db, feedgen, history
-from fleetticketsd.feed import KEPT
+from fleetticketsd import feedgen
+from fleetticketsd.database import db
+from fleetticketsd.ingest import history
+from fleetticketsd.ingest.feed import KEPT
 
 ADMIN_URL = os.environ.get("FLEETTICKETSD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Issue 13: the unfiltered calls within these, as the client receives them.

@@ -47,11 +47,12 @@ sys.path[:0] = [str(BENCH), str(REPO)]
 
 from ingest import free_port, moto_server, s3_client, scratch_database  # noqa: E402
 
-from fleetticketsd import db, feedgen, logs  # noqa: E402
+from fleetticketsd import feedgen, logs  # noqa: E402
 from fleetticketsd.config import parse  # noqa: E402
-from fleetticketsd.drain import Engine, drain  # noqa: E402
+from fleetticketsd.database import db  # noqa: E402
+from fleetticketsd.ingest.drain import Engine, drain  # noqa: E402
+from fleetticketsd.ingest.source import S3Source  # noqa: E402
 from fleetticketsd.metrics import Metrics  # noqa: E402
-from fleetticketsd.source import S3Source  # noqa: E402
 from tests.conftest import to_toml  # noqa: E402
 from tests.s3_fault_proxy import FaultProxy, fault_proxy  # noqa: E402
 

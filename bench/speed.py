@@ -61,11 +61,12 @@ from ingest import (  # bench/ is not a package: found through sys.path
     scratch_database,
 )
 
-from fleetticketsd import db, feedgen
+from fleetticketsd import feedgen
 from fleetticketsd.config import Config, parse
-from fleetticketsd.drain import Engine, drain
+from fleetticketsd.database import db
+from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 DISTINCT_SHARE = 0.7035  # distinct tickets per row of feedgen's baseline (seed 11)
 SHIPPED_POST_APPLY = ["capture_history"]  # config.toml's [datasets.inc]

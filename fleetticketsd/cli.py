@@ -20,16 +20,18 @@ from typing import Any
 
 import asyncpg
 
-from . import __version__, db, logs, roles, status
-from .actions import ActionError, load_file, skip
-from .adopt import foreign_write_warning
-from .config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
-from .drain import DrainReport, Engine, drain
-from .layout import LayoutError
-from .metrics import Metrics
-from .s3errors import tls_failed as futile_tls
-from .source import S3Source, SourceError
-from .terminal import DrainProgress, render_status
+from fleetticketsd import __version__, logs
+from fleetticketsd.config import Config, ConfigError, DatasetConfig, load, redacted, resolve_path
+from fleetticketsd.database import db, roles
+from fleetticketsd.database.adopt import foreign_write_warning
+from fleetticketsd.database.layout import LayoutError
+from fleetticketsd.ingest.actions import ActionError, load_file, skip
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.s3errors import tls_failed as futile_tls
+from fleetticketsd.ingest.source import S3Source, SourceError
+from fleetticketsd.metrics import Metrics
+from fleetticketsd.serving import status
+from fleetticketsd.serving.terminal import DrainProgress, render_status
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetticketsd: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "run":
-        from .daemon import run_daemon
+        from fleetticketsd.daemon import run_daemon
 
         return run_daemon(config, path)
     # One-shot commands keep stdout for their result; logs go to stderr.
@@ -225,7 +227,7 @@ def _dataset_tables(config: Config) -> list[str]:
 
 
 async def cmd_adopt(config: Config, *, dry_run: bool) -> int:
-    from .adopt import AdoptionRefused, adopt  # only this command needs the takeover
+    from fleetticketsd.database.adopt import AdoptionRefused, adopt  # only this command needs the takeover
 
     pool = await _pool(config)
     try:
@@ -418,7 +420,7 @@ async def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_geocode(config: Config, args: argparse.Namespace) -> int:
-    from .geocode import Geocoder
+    from fleetticketsd.geocoding.geocode import Geocoder
 
     if args.limit is not None and args.limit < 0:
         raise CommandError("--limit must not be negative", EXIT_CONFIG)
@@ -448,7 +450,7 @@ async def cmd_geocode(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_gazetteer(config: Config, args: argparse.Namespace) -> int:
-    from .geocode import set_gazetteer
+    from fleetticketsd.geocoding.geocode import set_gazetteer
 
     values = args.values
     if len(values) not in (3, 4):

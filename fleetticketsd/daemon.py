@@ -33,16 +33,18 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import adopt, db, dbguard, ledger, logs
-from . import http as http_endpoint
-from .config import Config, ConfigError, DatasetConfig, cron_trigger, load
-from .drain import DrainReport, Engine, drain
-from .geocode import Geocoder
-from .layout import LayoutError
-from .metrics import Metrics
-from .page import StatusPage
-from .source import S3Source, SourceError
-from .status import Listings
+from fleetticketsd import logs
+from fleetticketsd.config import Config, ConfigError, DatasetConfig, cron_trigger, load
+from fleetticketsd.database import adopt, db, dbguard
+from fleetticketsd.database.layout import LayoutError
+from fleetticketsd.geocoding.geocode import Geocoder
+from fleetticketsd.ingest import ledger
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.source import S3Source, SourceError
+from fleetticketsd.metrics import Metrics
+from fleetticketsd.serving import http as http_endpoint
+from fleetticketsd.serving.page import StatusPage
+from fleetticketsd.serving.status import Listings
 
 log = structlog.get_logger("fleetticketsd.daemon")
 
@@ -538,7 +540,7 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _version() -> str:
-    from . import __version__
+    from fleetticketsd import __version__
 
     return __version__
 

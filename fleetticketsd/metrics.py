@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
-from . import __version__
+from fleetticketsd import __version__
 
 # One pass is a listing plus, usually, a handful of small deltas (well under a
 # second); after an outage it can be hundreds of files or a 500 MB baseline.

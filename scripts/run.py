@@ -60,7 +60,7 @@ try:
 
     from fleetticketsd import feedgen
     from fleetticketsd.config import Config, ConfigError, S3Config, load, redact_url, resolve_path
-    from fleetticketsd.s3errors import describe as describe_s3
+    from fleetticketsd.ingest.s3errors import describe as describe_s3
 except ImportError as exc:  # run outside the project's virtualenv
     sys.exit(f"run.py: {exc}. Start it with `make run`, which installs the project first.")
 

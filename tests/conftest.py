@@ -33,11 +33,11 @@ import pytest
 from moto.server import ThreadedMotoServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetticketsd import db
 from fleetticketsd.config import Config, parse
-from fleetticketsd.drain import Engine
+from fleetticketsd.database import db
+from fleetticketsd.ingest.drain import Engine
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 PG_ADMIN_URL = os.environ.get("FLEETTICKETSD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent

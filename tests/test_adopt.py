@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from fleetticketsd import feedgen
-from fleetticketsd.geocode import build_query
+from fleetticketsd.geocoding.geocode import build_query
 
 from . import fake_geocoder as fg
 from .conftest import REPO, Bucket, admin_sql, csv_file, poll, row, run_cli
@@ -726,7 +726,7 @@ def test_a_loader_left_running_after_the_cutover_is_stopped_by_the_schema_and_wa
 def test_the_runtime_and_reader_roles_work_after_adoption(
     legacy: Legacy, env_for: Callable[..., dict[str, str]]
 ) -> None:
-    from fleetticketsd import roles
+    from fleetticketsd.database import roles
 
     from .test_roles import login_role, refused
 

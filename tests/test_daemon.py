@@ -64,7 +64,7 @@ def test_drains_on_start_serves_probes_and_reports_lag(
     assert len(applied) == 2 and all(
         e["dataset"] == "inc" and e["key"].startswith("automations/inc/") for e in applied
     )
-    assert all(e.get("dataset") for e in logs if e.get("logger") == "fleetticketsd.drain")
+    assert all(e.get("dataset") for e in logs if e.get("logger") == "fleetticketsd.ingest.drain")
 
 
 def test_metrics_pass_promtool_lint(start_daemon: Callable[..., tuple[Daemon, dict[str, Any]]]) -> None:

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from fleetticketsd.config import Config
-from fleetticketsd.drain import Engine, drain
-from fleetticketsd.source import S3Source
+from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row
 
@@ -115,7 +115,7 @@ async def test_already_applied_file_still_in_changes_is_only_archived(
     async def broken_archive(*args: object) -> bool:
         from botocore.exceptions import EndpointConnectionError
 
-        from fleetticketsd.source import SourceError
+        from fleetticketsd.ingest.source import SourceError
 
         raise SourceError("copy", key, EndpointConnectionError(endpoint_url="x"))
 
@@ -310,7 +310,7 @@ async def test_bad_file_halts_the_dataset_and_nothing_of_it_applies(
 async def test_quarantine_moves_bad_file_aside_and_goes_on(
     make_config: object, bucket: Bucket, conn: asyncpg.Connection
 ) -> None:
-    from fleetticketsd import db
+    from fleetticketsd.database import db
     from fleetticketsd.metrics import Metrics
 
     cfg: Config = make_config(
@@ -409,7 +409,7 @@ async def test_extra_columns_are_kept_in_raw(
 async def test_unreachable_bucket_fails_the_pass_at_list(config: Config, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from fleetticketsd import db
+    from fleetticketsd.database import db
     from fleetticketsd.metrics import Metrics
 
     from .conftest import free_port
@@ -505,7 +505,7 @@ async def test_a_version_uploaded_after_the_listing_is_neither_read_nor_archived
 ) -> None:
     """The ETag pin holds on servers that ignore If-Match and CopySourceIfMatch (s3rver)
     as on those that honour them (moto, AWS, MinIO, RustFS)."""
-    from fleetticketsd.source import SourceError
+    from fleetticketsd.ingest.source import SourceError
 
     ds = engine.config.dataset("inc")
     key = inc_key("2026-06-22T10-00-00.csv")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from fleetticketsd.feed import KEPT, BadFile, FeedParser, key_timestamp
+from fleetticketsd.ingest.feed import KEPT, BadFile, FeedParser, key_timestamp
 
 from .conftest import HEADER, SAMPLE, csv_file, row
 

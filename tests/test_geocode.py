@@ -21,12 +21,13 @@ import pytest
 from aiolimiter import AsyncLimiter
 from prometheus_client import generate_latest
 
-from fleetticketsd import db, feedgen
+from fleetticketsd import feedgen
 from fleetticketsd.config import Config, GeocoderConfig
-from fleetticketsd.drain import Engine, drain
-from fleetticketsd.geocode import Geocoder
+from fleetticketsd.database import db
+from fleetticketsd.geocoding.geocode import Geocoder
+from fleetticketsd.geocoding.pacer import Pacer
+from fleetticketsd.ingest.drain import Engine, drain
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.pacer import Pacer
 
 from . import fake_geocoder as fg
 from .conftest import SAMPLE, Bucket, apoll, inc_key, poll, run_cli
@@ -629,7 +630,7 @@ async def test_a_restart_resumes_the_queue_from_the_database(
 async def test_a_verified_row_survives_a_geocode_pass(
     fake: fg.FakeGeocoder, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    from fleetticketsd.geocode import set_gazetteer
+    from fleetticketsd.geocoding.geocode import set_gazetteer
 
     fake.places["Jogoo Rd"] = fg.MOMBASA  # the provider would say something else
     await tickets(conn, ("INC1", "Kilimani", "KILIMANI_Jogoo Rd FDT1"))
@@ -643,8 +644,8 @@ async def test_a_verified_row_survives_a_geocode_pass(
     assert fake.queries() == ["Kilimani, Nairobi, Kenya"]
     assert report.requests == 1
     async with worker(geo(fake), pool) as w:
-        from fleetticketsd.geocode import Job
-        from fleetticketsd.providers import Answer
+        from fleetticketsd.geocoding.geocode import Job
+        from fleetticketsd.geocoding.providers import Answer
 
         await w._store(Job(1, 0, "Kilimani", "Jogoo Rd", "q"), Answer("ok", lat=-4.0, lon=39.6))
     row = await conn.fetchrow("SELECT verified, ST_Y(geom) AS lat FROM tickets.geo_locations")

@@ -15,7 +15,13 @@ import asyncpg
 import pytest
 
 from fleetticketsd.config import GeocoderConfig
-from fleetticketsd.geocode import STORE_LOCATION, Judgement, build_query, set_gazetteer, unguarded_locations
+from fleetticketsd.geocoding.geocode import (
+    STORE_LOCATION,
+    Judgement,
+    build_query,
+    set_gazetteer,
+    unguarded_locations,
+)
 
 from .conftest import SAMPLE
 
@@ -335,7 +341,7 @@ async def test_a_corrected_centroid_rejudges_the_clusters_answers_and_tickets_fo
 async def store_answer(
     conn: asyncpg.Connection, cluster: str, location: str, point: tuple[float, float]
 ) -> str:
-    """The worker's store of one provider answer (fleetticketsd.geocode.STORE_LOCATION)."""
+    """The worker's store of one provider answer (fleetticketsd.geocoding.geocode.STORE_LOCATION)."""
     status: str = await conn.fetchval(
         STORE_LOCATION, cluster, f"{location}, {cluster}", "ok", point[0], point[1], "locationiq", None,
         None, None, None, 25.0, location,

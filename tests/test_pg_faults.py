@@ -22,11 +22,12 @@ import asyncpg
 import pytest
 import structlog
 
-from fleetticketsd import db, feedgen
+from fleetticketsd import feedgen
 from fleetticketsd.config import Config
-from fleetticketsd.drain import DrainReport, Engine, drain
+from fleetticketsd.database import db
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 from .conftest import PG_ADMIN_URL, Bucket, Cluster, Daemon, apoll, csv_file, inc_key, poll, row, run_cli
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fleetticketsd import db
 from fleetticketsd.config import Config
-from fleetticketsd.drain import Engine, drain
+from fleetticketsd.database import db
+from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.source import ChangeFile, S3Source, SourceError
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import ChangeFile, S3Source, SourceError
 
 from .conftest import REPO, Bucket, csv_file, inc_key, poll, row, spawn_cli
 

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fleetticketsd.config import ConfigError, load
-from fleetticketsd.feed import COLUMNS, KEPT, MAX_TICKET_ID_CHARS, SENTINEL_PREFIX, BadFile, FeedParser
+from fleetticketsd.ingest.feed import COLUMNS, KEPT, MAX_TICKET_ID_CHARS, SENTINEL_PREFIX, BadFile, FeedParser
 
 from .conftest import _db_url, admin_sql
 

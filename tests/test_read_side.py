@@ -17,11 +17,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd import db, history
 from fleetticketsd.config import Config
-from fleetticketsd.drain import Engine, drain
+from fleetticketsd.database import db
+from fleetticketsd.ingest import history
+from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 from .conftest import PG_ADMIN_URL, Bucket, csv_file, inc_key, row, run_cli
 

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from fleetticketsd import feedgen
-from fleetticketsd.feed import KEPT
+from fleetticketsd.ingest.feed import KEPT
 
 from .test_read_side import ago, put, set_point
 

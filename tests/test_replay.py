@@ -23,7 +23,7 @@ import structlog
 
 from fleetticketsd import feedgen
 from fleetticketsd.config import Config
-from fleetticketsd.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
 
 from .conftest import Bucket, admin_sql, cloned_db, csv_file, engine_for, inc_key, row, run_cli
 from .s3_fault_proxy import FaultProxy, fault_proxy

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd import roles
+from fleetticketsd.database import roles
 
 from .conftest import Bucket, Daemon, admin_sql, csv_file, inc_key, poll, row, run_cli, to_toml
 
@@ -198,7 +198,7 @@ def test_grants_survive_a_function_replaced_by_a_later_migration(db_url: str, re
     assert refused(reader_url, "SELECT reporting.fn_freshness()")
 
     async def migrate() -> None:
-        from fleetticketsd import db
+        from fleetticketsd.database import db
 
         conn = await asyncpg.connect(db_url)
         try:

@@ -26,7 +26,7 @@ import pytest
 import structlog
 
 from fleetticketsd.config import Config
-from fleetticketsd.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
 
 from .conftest import REPO, Bucket, Daemon, config_dict, csv_file, engine_for, inc_key, poll, row, to_toml
 from .s3_fault_proxy import FaultProxy, fault_proxy

@@ -19,11 +19,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd import db, feedgen
+from fleetticketsd import feedgen
 from fleetticketsd.config import Config
-from fleetticketsd.drain import DrainReport, Engine, drain
+from fleetticketsd.database import db
+from fleetticketsd.ingest.drain import DrainReport, Engine, drain
+from fleetticketsd.ingest.source import S3Source
 from fleetticketsd.metrics import Metrics
-from fleetticketsd.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row, run_cli
 

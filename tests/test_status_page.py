@@ -15,8 +15,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetticketsd import adopt, page
-from fleetticketsd.status import DatasetsReport, GeocoderStatus, LockHolder, MapPoint, Snapshot
+from fleetticketsd.database import adopt
+from fleetticketsd.serving import page
+from fleetticketsd.serving.status import DatasetsReport, GeocoderStatus, LockHolder, MapPoint, Snapshot
 
 from . import fake_geocoder as fg
 from .browser import chromium, open_page

@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fleetticketsd import roles
+from fleetticketsd.database import roles
 
 from .conftest import (
     PG_MAJOR,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
-from fleetticketsd.feed import KEPT, FeedParser
+from fleetticketsd.ingest.feed import KEPT, FeedParser
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 _SECTION = re.compile(r"^-- migration: (\S+)$", re.MULTILINE)

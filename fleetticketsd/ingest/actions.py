@@ -15,12 +15,12 @@ from pathlib import Path
 
 import asyncpg
 
-from . import ledger
-from .apply import FileResult, apply_file
-from .config import DatasetConfig
-from .dbguard import session_ended
-from .drain import Engine, error_document, is_late
-from .feed import BadFile, file_name, key_timestamp
+from fleetticketsd.config import DatasetConfig
+from fleetticketsd.database.dbguard import session_ended
+from fleetticketsd.ingest import ledger
+from fleetticketsd.ingest.apply import FileResult, apply_file
+from fleetticketsd.ingest.drain import Engine, error_document, is_late
+from fleetticketsd.ingest.feed import BadFile, file_name, key_timestamp
 
 LOCK_WAIT_S = 30.0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from .db import LOCK_NAMESPACE
+from fleetticketsd.database.db import LOCK_NAMESPACE
 
 ENSURE_META = """
 INSERT INTO tickets.import_meta (dataset) VALUES ($1) ON CONFLICT (dataset) DO NOTHING

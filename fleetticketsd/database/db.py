@@ -17,8 +17,8 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from . import layout, roles
-from .config import DatabaseConfig, DatasetConfig
+from fleetticketsd.config import DatabaseConfig, DatasetConfig
+from fleetticketsd.database import layout, roles
 
 # Two-int advisory lock keys: (namespace, item). The namespace keeps ours apart from
 # any other application sharing the database.
@@ -123,7 +123,7 @@ def database_host(url: str) -> str:
 
 
 def describe_url(url: str) -> str:
-    from .config import redact_url
+    from fleetticketsd.config import redact_url
 
     return redact_url(url)
 
@@ -146,7 +146,7 @@ def migrations_dir() -> Path:
     packaged = Path(str(resources.files("fleetticketsd"))) / "migrations"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

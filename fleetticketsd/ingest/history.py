@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from .config import DatasetConfig
-from .db import qualified
+from fleetticketsd.config import DatasetConfig
+from fleetticketsd.database.db import qualified
 
 HOOK = "capture_history"
 PASS_FUNCTION = "capture_history_pass"

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 
-from .source import ChangeFile, S3Source, SourceError
+from fleetticketsd.ingest.source import ChangeFile, S3Source, SourceError
 
-log = structlog.get_logger("fleetticketsd.pipeline")
+log = structlog.get_logger("fleetticketsd.ingest.pipeline")
 
 
 async def _chunks_of(data: bytes, chunk_bytes: int) -> AsyncIterator[bytes]:

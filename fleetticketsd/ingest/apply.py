@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import ledger
-from .config import DatasetConfig
-from .db import qualified
-from .dbguard import guarded
-from .feed import KEPT, RECORD_COLUMNS, FeedParser, ParseStats, Record
+from fleetticketsd.config import DatasetConfig
+from fleetticketsd.database.db import qualified
+from fleetticketsd.database.dbguard import guarded
+from fleetticketsd.ingest import ledger
+from fleetticketsd.ingest.feed import KEPT, RECORD_COLUMNS, FeedParser, ParseStats, Record
 
 # Rows for this file only. The temp table lives as long as its connection and is
 # empty between files: the upsert below deletes what it reads (and a file that fails

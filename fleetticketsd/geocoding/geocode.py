@@ -43,12 +43,12 @@ import asyncpg
 import httpx
 import structlog
 
-from .config import GeocoderConfig
-from .metrics import GEOCODE_OUTCOMES, Metrics
-from .pacer import DatabaseTurns, Pacer
-from .providers import Answer, Provider, make_provider
+from fleetticketsd.config import GeocoderConfig
+from fleetticketsd.geocoding.pacer import DatabaseTurns, Pacer
+from fleetticketsd.geocoding.providers import Answer, Provider, make_provider
+from fleetticketsd.metrics import GEOCODE_OUTCOMES, Metrics
 
-log = structlog.get_logger("fleetticketsd.geocode")
+log = structlog.get_logger("fleetticketsd.geocoding.geocode")
 
 Kind = Literal["cluster", "location"]
 CLUSTER, LOCATION = 0, 1  # queue priorities: lower first

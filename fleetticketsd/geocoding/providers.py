@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from .config import GeocoderConfig
+from fleetticketsd.config import GeocoderConfig
 
 # ok / no_match: the provider answered; the answer is cached.
 # rate_limited: too fast (429 per second/minute); retry after a pause.

@@ -19,11 +19,12 @@ from typing import Any
 
 import asyncpg
 
-from . import adopt, ledger
-from .config import Config, DatasetConfig
-from .db import LOCK_NAMESPACE
-from .drain import Engine, status, status_as_last_seen
-from .source import ChangeFile, SourceError
+from fleetticketsd.config import Config, DatasetConfig
+from fleetticketsd.database import adopt
+from fleetticketsd.database.db import LOCK_NAMESPACE
+from fleetticketsd.ingest import ledger
+from fleetticketsd.ingest.drain import Engine, status, status_as_last_seen
+from fleetticketsd.ingest.source import ChangeFile, SourceError
 
 # Open tickets of a dataset by where their point comes from ('none': no point yet).
 COVERAGE = """
@@ -182,7 +183,7 @@ class GeocoderStatus:
 
 async def geocoder(engine: Engine, config: Config) -> GeocoderStatus:
     # The worker's HTTP stack: not for every command.
-    from .geocode import budget_left, pending_places, unguarded_locations
+    from fleetticketsd.geocoding.geocode import budget_left, pending_places, unguarded_locations
 
     geo = config.geocoder
     out = GeocoderStatus(geo.enabled, geo.provider, geo.daily_budget)

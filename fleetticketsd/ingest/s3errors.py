@@ -38,7 +38,7 @@ from botocore.exceptions import (
 from botocore.retries.quota import RetryQuota
 from botocore.retries.standard import ExponentialBackoff, RetryEventAdapter, RetryQuotaChecker
 
-log = structlog.get_logger("fleetticketsd.source")
+log = structlog.get_logger("fleetticketsd.ingest.source")
 
 # 403 codes that mean the key itself is refused: a rotated or mistyped key, a clock
 # far off. Nothing retried now can succeed until someone changes the credentials.

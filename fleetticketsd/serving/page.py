@@ -31,14 +31,15 @@ from zoneinfo import ZoneInfo
 import structlog
 from aiohttp import web
 
-from . import __version__, adopt
-from .config import Config
-from .drain import DB_ERRORS, Engine
-from .feed import file_name
-from .status import GeocoderStatus, Listings, LockHolder, MapPoint, Snapshot, snapshot
-from .terminal import ago, human_duration
+from fleetticketsd import __version__
+from fleetticketsd.config import Config
+from fleetticketsd.database import adopt
+from fleetticketsd.ingest.drain import DB_ERRORS, Engine
+from fleetticketsd.ingest.feed import file_name
+from fleetticketsd.serving.status import GeocoderStatus, Listings, LockHolder, MapPoint, Snapshot, snapshot
+from fleetticketsd.serving.terminal import ago, human_duration
 
-log = structlog.get_logger("fleetticketsd.page")
+log = structlog.get_logger("fleetticketsd.serving.page")
 
 SNAPSHOT_TTL_S = 3.0
 SNAPSHOT_TIMEOUT_S = 10.0
@@ -55,7 +56,9 @@ ROW_IDS = {
     "drain lock": "lock",
 }
 
-_TEMPLATE = Template(resources.files("fleetticketsd").joinpath("page.html").read_text(encoding="utf-8"))
+_TEMPLATE = Template(
+    resources.files("fleetticketsd.serving").joinpath("page.html").read_text(encoding="utf-8")
+)
 
 
 def e(value: object) -> str:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from . import ledger
-from .config import DatasetConfig
-from .db import qualified
-from .feed import file_name
-from .source import ChangeFile, S3Source
+from fleetticketsd.config import DatasetConfig
+from fleetticketsd.database.db import qualified
+from fleetticketsd.ingest import ledger
+from fleetticketsd.ingest.feed import file_name
+from fleetticketsd.ingest.source import ChangeFile, S3Source
 
-log = structlog.get_logger("fleetticketsd.drain")
+log = structlog.get_logger("fleetticketsd.ingest.drain")
 
 # `--reseed --from-archive`: the dataset from nothing. Its rows and rejects go with its
 # ledger (ledger.RESEED, in the same transaction); the read side's history

@@ -23,12 +23,12 @@ import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .config import DatasetConfig, S3Config
-from .feed import file_name, key_timestamp
-from .s3errors import OnRetry, install_retries
-from .s3errors import describe as describe_s3
+from fleetticketsd.config import DatasetConfig, S3Config
+from fleetticketsd.ingest.feed import file_name, key_timestamp
+from fleetticketsd.ingest.s3errors import OnRetry, install_retries
+from fleetticketsd.ingest.s3errors import describe as describe_s3
 
-log = structlog.get_logger("fleetticketsd.source")
+log = structlog.get_logger("fleetticketsd.ingest.source")
 
 
 class SourceError(Exception):

@@ -42,9 +42,9 @@ from typing import Any
 
 import asyncpg
 
-from . import db, layout
-from .config import GeocoderConfig
-from .feed import key_timestamp
+from fleetticketsd.config import GeocoderConfig
+from fleetticketsd.database import db, layout
+from fleetticketsd.ingest.feed import key_timestamp
 
 LEGACY_SCHEMA = "tickets_legacy"
 # Relations of the loader's schema that LEGACY.md does not describe (another

@@ -11,8 +11,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from .apply import FileResult
-from .config import DatasetConfig
+from fleetticketsd.config import DatasetConfig
+from fleetticketsd.ingest.apply import FileResult
 
 
 def human_duration(seconds: float | None) -> str:

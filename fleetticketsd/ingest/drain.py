@@ -26,18 +26,26 @@ from typing import Any
 import asyncpg
 import structlog
 
-from . import history, ledger, replay
-from .apply import FileResult, apply_file
-from .config import Config, DatasetConfig
-from .dbguard import DatabaseFault, acquire, describe, end_session, guarded, is_read_only, session_ended
-from .feed import BadFile, file_name, key_timestamp
-from .ledger import Blocked
-from .metrics import Metrics
-from .pipeline import Archiver, Deletes, Prefetcher
-from .s3errors import futile
-from .source import ChangeFile, S3Source, SourceError
+from fleetticketsd.config import Config, DatasetConfig
+from fleetticketsd.database.dbguard import (
+    DatabaseFault,
+    acquire,
+    describe,
+    end_session,
+    guarded,
+    is_read_only,
+    session_ended,
+)
+from fleetticketsd.ingest import history, ledger, replay
+from fleetticketsd.ingest.apply import FileResult, apply_file
+from fleetticketsd.ingest.feed import BadFile, file_name, key_timestamp
+from fleetticketsd.ingest.ledger import Blocked
+from fleetticketsd.ingest.pipeline import Archiver, Deletes, Prefetcher
+from fleetticketsd.ingest.s3errors import futile
+from fleetticketsd.ingest.source import ChangeFile, S3Source, SourceError
+from fleetticketsd.metrics import Metrics
 
-log = structlog.get_logger("fleetticketsd.drain")
+log = structlog.get_logger("fleetticketsd.ingest.drain")
 
 # The database refusing a value (class 22) or hitting a limit (class 54, e.g. a btree
 # entry too large): deterministic for the same bytes, unlike a lost connection.

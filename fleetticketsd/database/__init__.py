@@ -1,0 +1,1 @@
+"""The database: connections, bounded waits, the layout check and the takeover."""

@@ -1,0 +1,1 @@
+"""Locating tickets: the gazetteer, the providers and their pacing."""

@@ -1,0 +1,1 @@
+"""What the daemon shows: HTTP endpoints, the status page, the terminal output."""

@@ -3,8 +3,10 @@
 The pass, top to bottom:
   1. take the dataset's advisory lock (semantic 7) — another process draining it
      means this pass has nothing to do;
-  2. list ``changes/`` and look the listed files up in the ledger, once; list
-     ``processed/`` after the watermark for files a restored database lacks (replay.py);
+  2. list ``changes/`` page by page in the background and ``processed/`` after the
+     watermark for files a restored database lacks (replay.py); each page is looked up
+     in the ledger as the pass reaches it (stream.py), so a 100,000-file backlog starts
+     applying after its first page;
   3. finish what an earlier pass decided but did not get to move: applied files
      still in ``changes/`` are archived, never re-applied (semantic 3); skipped or
      quarantined ones go back to ``quarantine/``;
@@ -909,8 +911,9 @@ async def status_as_last_seen(
     files and lag as the last drain pass's listing recorded them. An S3 outage is when
     an operator most needs the database's half of the picture.
 
-    Only a drain records its listing: it lists before it applies anything, so every
-    ledger row written after that instant is a file it dealt with. An observer listing
+    Only a drain records its listing: it records it before it applies anything (the
+    pages read so far; the totals once a streamed listing ends, with the same
+    instant), so every ledger row written after that instant is a file it dealt with. An observer listing
     beside a file in flight could not tell (a file's applied_at is its transaction's
     start), and would leave a pending count that never goes down."""
     async with engine.pool.acquire() as conn:

@@ -3,8 +3,10 @@
 The pass, top to bottom:
   1. take the dataset's advisory lock (semantic 7) — another process draining it
      means this pass has nothing to do;
-  2. list ``changes/`` and look the listed files up in the ledger, once; list
-     ``processed/`` after the watermark for files a restored database lacks (replay.py);
+  2. list ``changes/`` page by page in the background and ``processed/`` after the
+     watermark for files a restored database lacks (replay.py); each page is looked up
+     in the ledger as the pass reaches it (stream.py), so a 100,000-file backlog starts
+     applying after its first page;
   3. finish what an earlier pass decided but did not get to move: applied files
      still in ``changes/`` are archived, never re-applied (semantic 3); skipped or
      quarantined ones go back to ``quarantine/``;
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +45,7 @@ from fleetticketsd.ingest.ledger import Blocked
 from fleetticketsd.ingest.pipeline import Archiver, Deletes, Prefetcher
 from fleetticketsd.ingest.s3errors import futile
 from fleetticketsd.ingest.source import ChangeFile, S3Source, SourceError
+from fleetticketsd.ingest.stream import PageReader, PassFiles
 from fleetticketsd.metrics import Metrics
 
 log = structlog.get_logger("fleetticketsd.ingest.drain")
@@ -149,9 +152,13 @@ def lag_seconds(newest: ChangeFile | None, watermark: str | None, pending: list[
     With no watermark yet (first run), the oldest pending file stands in for it, so
     a fresh install that has not caught up does not report 0.
     """
-    if newest is None or not pending:
+    return _lag(newest, watermark, pending[0] if pending else None)
+
+
+def _lag(newest: ChangeFile | None, watermark: str | None, oldest_pending: ChangeFile | None) -> float:
+    if newest is None or oldest_pending is None:
         return 0.0
-    reference = key_timestamp(watermark) if watermark else pending[0].timestamp
+    reference = key_timestamp(watermark) if watermark else oldest_pending.timestamp
     if reference is None:
         return 0.0
     return max(0.0, (newest.timestamp - reference).total_seconds())
@@ -278,155 +285,249 @@ async def _pass(
 ) -> None:
     m = engine.metrics
     pass_started = time.monotonic()
+    source = engine.source
     replayed: list[ChangeFile] = []
-    if reseed is None:
-        # The watermark moves only under the lock this pass holds: read it first, and
-        # list processed/ after it beside changes/, in the same round trip.
-        state = await ledger.state(conn, dataset.name)
-        listed, after = await _list(
-            engine.source.list_changes(dataset), replay.candidates(engine.source, dataset, state.watermark)
-        )
-        replayed = await replay.not_in_ledger(conn, dataset, after)
-    else:
-        listed, replayed = await _reseed(engine, conn, dataset, reseed)
-        state = await ledger.state(conn, dataset.name)
-    report.watermark = state.watermark
-    known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
-
-    pending: list[ChangeFile] = []
-    decided: list[tuple[ChangeFile, ledger.LedgerEntry]] = []
-    for f in listed:
-        entry = known.get((f.key, f.etag))
-        if entry is None:
-            pending.append(f)
-        else:
-            decided.append((f, entry))
-    _observe_source(engine, dataset, listed, pending, state.watermark)
-    waiting = len(pending)  # under changes/: what the gauges and `status` count
-    pending = replay.merge(pending, replayed)
-    from_processed = {f.key for f in replayed}
-    if state.blocked is not None and any(f.key == state.blocked.key for f in pending):
-        report.at_key = state.blocked.key
-    elif pending:
-        report.at_key = pending[0].key
-    # The first write of the pass comes only now, so that a database that cannot
-    # write (read-only after a failover) fails naming the file that waits.
-    await ledger.ensure(conn, dataset.name)
-    if dry_run:
-        decided = []
-    else:
-        await conn.execute(
-            ledger.RECORD_SOURCE_SEEN,
-            dataset.name,
-            listed[-1].key if listed else None,
-            waiting,
-        )
-
-    if state.blocked is not None:
-        first = next((f for f in pending if f.key == state.blocked.key), None)
-        if first is None and not any(f.key == state.blocked.key for f in (*listed, *replayed)):
-            # The bad file vanished without `skip`: its rows are unaccounted for, so
-            # the dataset stays blocked until an operator decides.
-            report.blocked = Blocked(
-                state.blocked.key,
-                state.blocked.etag,
-                f"{state.blocked.reason} (file no longer under changes/; use `fleetticketsd skip`)",
-                state.blocked.line,
-            )
-            m.dataset_blocked.labels(dataset.name).set(1)
-            return
-        if first is not None:
-            pending.remove(first)
-            pending.insert(0, first)
-        elif not dry_run:
-            # Decided elsewhere (skipped and since moved): nothing blocks any more.
-            await conn.execute(ledger.CLEAR_BLOCKED, dataset.name, state.blocked.key)
-
-    ingest = engine.config.ingest
-    # Files an earlier pass decided on but did not get to move (semantic 3) go first,
-    # then each file this pass applies, right after its commit.
-    decided_now = {f.key: entry for f, entry in decided}
-    deletes = Deletes(engine.source.delete_many)
-    archiver = Archiver(
-        lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key), deletes),
-        ingest.archive_concurrency,
-    )
-    for f, _ in decided:
-        archiver.submit(f)
-    prefetch = Prefetcher(
-        engine.source,
-        pending,
-        max_files=ingest.prefetch_files,
-        max_bytes=ingest.prefetch_bytes,
-        chunk_bytes=ingest.read_chunk_bytes,
-    )
-    watermark = state.watermark
-    # Files applied but not yet committed: a real pass commits small files in batches
-    # (each in its own savepoint, each with its ledger row and watermark advance); a
-    # dry run has its one outer transaction already. Only what a commit made durable
-    # is counted, logged, reported and archived.
-    batch = None if dry_run else _Batch(conn, ingest.commit_batch_files, ingest.commit_batch_s)
-
-    async def commit() -> None:
-        if batch is None:
-            return
-        committed = await batch.commit(report)
-        if committed and report.first_commit_s is None:
-            report.first_commit_s = time.monotonic() - pass_started
-        for a in committed:
-            _record_applied(engine, dataset, a, report)
-            if progress is not None:
-                progress(dataset, a.number, len(pending), a.result)
-            if not a.replayed:  # a replayed file stays in processed/
-                archiver.submit(a.file)
-
-    try:
-        for done, f in enumerate(pending, start=1):
-            if stop is not None and stop.is_set():
-                await commit()
-                log.info("stopping between files", remaining=len(pending) - done + 1)
-                return
-            report.at_key = f.key
-            with structlog.contextvars.bound_contextvars(key=f.key):
-                again = f.key in from_processed
-                if batch is not None:
-                    await batch.open()
+    # changes/ as listing pages, read from the start (stream.py): streamed, unless the
+    # pass must see the whole listing before its first file (a reseed, or a block
+    # whose key goes first).
+    listed: list[ChangeFile] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if reseed is None:
+            # The watermark moves only under the lock this pass holds: read it first, and
+            # list processed/ after it while changes/ is listed.
+            state = await ledger.state(conn, dataset.name)
+            if state.blocked is None:
+                reader = await stack.enter_async_context(
+                    PageReader(source.list_pages(dataset.changes_prefix), LISTING_PAGES_AHEAD)
+                )
                 try:
-                    result = await _apply_one(
-                        engine, conn, dataset, f, prefetch, watermark, report, dry_run, again
-                    )
-                except BadFile as exc:
-                    # Its savepoint is rolled back; what came before it commits first,
-                    # so that a quarantine move only ever follows a committed ledger row.
-                    await commit()
-                    await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
-                    if report.blocked is not None:
-                        return
-                    continue
-                except DrainFailed as exc:
-                    if exc.stage == "fetch":
-                        await commit()  # the bucket failed, not the database: keep what applied
+                    (after,) = await _list(replay.candidates(source, dataset, state.watermark))
+                except DrainFailed:
+                    # As with whole listings, changes/'s error first when both failed.
+                    if isinstance(error := await reader.first_error(), SourceError):
+                        raise source_failed("list", error) from error
                     raise
-                if batch is None:
-                    if progress is not None:
-                        progress(dataset, done, len(pending), result)
-                else:
-                    batch.add(_Applied(f, result, watermark, again, done))
-                if not is_late(f.key, watermark):
-                    watermark = replay.ledger_key(dataset, f) if again else f.key
-                if batch is None:
-                    report.watermark = watermark
-                elif batch.due(done < len(pending) and prefetch.ready(pending[done])):
+            else:
+                listed, after = await _list(
+                    source.list_changes(dataset), replay.candidates(source, dataset, state.watermark)
+                )
+                reader = await stack.enter_async_context(PageReader(_one_page(listed), LISTING_PAGES_AHEAD))
+            replayed = await replay.not_in_ledger(conn, dataset, after)
+        else:
+            listed, replayed = await _reseed(engine, conn, dataset, reseed)
+            reader = await stack.enter_async_context(PageReader(_one_page(listed), LISTING_PAGES_AHEAD))
+            state = await ledger.state(conn, dataset.name)
+        report.watermark = state.watermark
+
+        first: ChangeFile | None = None
+        if state.blocked is not None:
+            blocked_key = state.blocked.key
+            candidates = [f for f in (*listed, *replayed) if f.key == blocked_key]
+            if candidates and candidates[0] in replayed:
+                first = candidates[0]
+            elif candidates:
+                known = await ledger.entries(conn, dataset.name, [blocked_key])
+                first = None if (blocked_key, candidates[0].etag) in known else candidates[0]
+            if not candidates:
+                # The bad file vanished without `skip`: its rows are unaccounted for, so
+                # the dataset stays blocked until an operator decides.
+                known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
+                waiting = [f for f in listed if (f.key, f.etag) not in known]
+                due = replay.merge(waiting, replayed)
+                report.at_key = due[0].key if due else None
+                _observe_source(
+                    engine,
+                    dataset,
+                    listed[-1] if listed else None,
+                    len(waiting),
+                    waiting[0] if waiting else None,
+                    state.watermark,
+                )
+                await ledger.ensure(conn, dataset.name)
+                if not dry_run:
+                    await _record_listing(conn, dataset, listed[-1].key if listed else None, len(waiting))
+                report.blocked = Blocked(
+                    blocked_key,
+                    state.blocked.etag,
+                    f"{state.blocked.reason} (file no longer under changes/; use `fleetticketsd skip`)",
+                    state.blocked.line,
+                )
+                m.dataset_blocked.labels(dataset.name).set(1)
+                return
+
+        ingest = engine.config.ingest
+        # Files an earlier pass decided on but did not get to move (semantic 3) are
+        # archived as their page is read, each file this pass applies right after its commit.
+        decided_now: dict[str, ledger.LedgerEntry] = {}
+        deletes = Deletes(source.delete_many)
+        archiver = Archiver(
+            lambda f: _finish_move(engine, dataset, f, decided_now.get(f.key), deletes),
+            ingest.archive_concurrency,
+        )
+
+        def decided(f: ChangeFile, entry: ledger.LedgerEntry) -> None:
+            if not dry_run:
+                decided_now[f.key] = entry
+                archiver.submit(f)
+
+        prefetch = Prefetcher(
+            source,
+            [],
+            max_files=ingest.prefetch_files,
+            max_bytes=ingest.prefetch_bytes,
+            chunk_bytes=ingest.read_chunk_bytes,
+        )
+        files = PassFiles(
+            reader,
+            lambda keys: ledger.entries(conn, dataset.name, keys),
+            replayed,
+            first=first,
+            on_decided=decided,
+            on_due=prefetch.add,
+        )
+        # Enough files known ahead to keep the prefetch window full.
+        ahead = ingest.prefetch_files + 1
+        watermark = state.watermark
+        # Files applied but not yet committed: a real pass commits small files in batches
+        # (each in its own savepoint, each with its ledger row and watermark advance); a
+        # dry run has its one outer transaction already. Only what a commit made durable
+        # is counted, logged, reported and archived.
+        batch = None if dry_run else _Batch(conn, ingest.commit_batch_files, ingest.commit_batch_s)
+        observed = False  # the listing's totals, once it has ended
+        seen = False  # the listing as of the first apply, recorded
+        total_due = False  # the totals' record, written after that, when no batch is open
+
+        async def record_total() -> None:
+            nonlocal total_due
+            if seen and total_due and batch is not None and not batch.is_open:
+                total_due = False
+                await conn.execute(
+                    ledger.RECORD_SOURCE_TOTAL, dataset.name, _newest_key(files), files.waiting
+                )
+
+        async def commit() -> None:
+            if batch is None:
+                return
+            committed = await batch.commit(report)
+            if committed and report.first_commit_s is None:
+                report.first_commit_s = time.monotonic() - pass_started
+            for a in committed:
+                _record_applied(engine, dataset, a, report)
+                if progress is not None:
+                    progress(dataset, a.number, files.taken + files.known, a.result)
+                if not a.replayed:  # a replayed file stays in processed/
+                    archiver.submit(a.file)
+            await record_total()
+
+        async def take(n: int, wait: bool = True) -> None:
+            """More of the listing, when it is there (or ``wait``); its totals at its end."""
+            nonlocal observed, total_due
+            try:
+                await files.fill(n, wait)
+            except SourceError as exc:
+                await commit()  # the bucket failed, not the database: keep what applied
+                raise source_failed("list", exc) from exc
+            if files.listed_all and not observed:
+                observed = True
+                _observe_listing(engine, dataset, files, state.watermark)
+                total_due = not dry_run
+                await record_total()
+
+        try:
+            await take(ahead)
+            head = files.peek()
+            report.at_key = head.key if head is not None else None
+            # The first write of the pass comes only now, so that a database that cannot
+            # write (read-only after a failover) fails naming the file that waits.
+            await ledger.ensure(conn, dataset.name)
+            if not dry_run:
+                # When the pass began to apply: the ledger rows written from now on are the
+                # files it dealt with (reporting.fn_freshness). The listing's totals follow
+                # when it ends (RECORD_SOURCE_TOTAL); until then, the pages read so far.
+                await _record_listing(conn, dataset, _newest_key(files), files.waiting)
+                seen, total_due = True, False
+                if state.blocked is not None and first is None:
+                    # Decided elsewhere (skipped and since moved): nothing blocks any more.
+                    await conn.execute(ledger.CLEAR_BLOCKED, dataset.name, state.blocked.key)
+            if not observed:
+                _observe_listing(engine, dataset, files, state.watermark)
+            done = 0
+            while True:
+                await take(1)
+                f = await files.next()
+                if f is None:
+                    break
+                done += 1
+                if stop is not None and stop.is_set():
                     await commit()
-    finally:
-        report.fetch_wait_s = prefetch.waited_s
-        await prefetch.close()
-        archiver_failed = await archiver.wait()
-        await deletes.close()
-        m.archive_pending.labels(dataset.name).set(archiver_failed)
-    if not dry_run:
-        m.dataset_blocked.labels(dataset.name).set(0)
-        _observe_source(engine, dataset, listed, [], watermark)
+                    log.info("stopping between files", remaining=files.known + 1, listed_all=files.listed_all)
+                    return
+                report.at_key = f.key
+                with structlog.contextvars.bound_contextvars(key=f.key):
+                    again = files.is_replay(f)
+                    if batch is not None:
+                        await batch.open()
+                    try:
+                        result = await _apply_one(
+                            engine, conn, dataset, f, prefetch, watermark, report, dry_run, again
+                        )
+                    except BadFile as exc:
+                        # Its savepoint is rolled back; what came before it commits first,
+                        # so that a quarantine move only ever follows a committed ledger row.
+                        await commit()
+                        await _bad_file(engine, conn, dataset, f, exc, report, dry_run)
+                        if report.blocked is not None:
+                            return
+                        continue
+                    except DrainFailed as exc:
+                        if exc.stage == "fetch":
+                            await commit()  # the bucket failed, not the database: keep what applied
+                        raise
+                    if batch is None:
+                        if progress is not None:
+                            progress(dataset, done, files.taken + files.known, result)
+                    else:
+                        batch.add(_Applied(f, result, watermark, again, done))
+                    if not is_late(f.key, watermark):
+                        watermark = replay.ledger_key(dataset, f) if again else f.key
+                    if batch is None:
+                        report.watermark = watermark
+                    else:
+                        # Pages already listed are looked up now, between files; the bucket
+                        # is waited for only when nothing else is due.
+                        await take(ahead, wait=False)
+                        following = files.peek()
+                        if batch.due(following is not None and prefetch.ready(following)):
+                            await commit()
+        finally:
+            report.fetch_wait_s = prefetch.waited_s
+            await prefetch.close()
+            archiver_failed = await archiver.wait()
+            await deletes.close()
+            m.archive_pending.labels(dataset.name).set(archiver_failed)
+        if not dry_run:
+            m.dataset_blocked.labels(dataset.name).set(0)
+            _observe_source(engine, dataset, files.newest, 0, None, watermark)
+            await record_total()
+
+
+LISTING_PAGES_AHEAD = 2  # listing pages read ahead of the pass: 2,000 files at most
+
+
+async def _one_page(files: list[ChangeFile]) -> AsyncIterator[list[ChangeFile]]:
+    """A listing already made whole, as the pages PassFiles takes."""
+    if files:
+        yield files
+
+
+def _newest_key(files: PassFiles) -> str | None:
+    return files.newest.key if files.newest else None
+
+
+async def _record_listing(
+    conn: asyncpg.Connection, dataset: DatasetConfig, newest_key: str | None, waiting: int | None
+) -> None:
+    await conn.execute(ledger.RECORD_SOURCE_SEEN, dataset.name, newest_key, waiting)
 
 
 @dataclass
@@ -469,6 +570,10 @@ class _Batch:
 
     def add(self, applied: _Applied) -> None:
         self._files.append(applied)
+
+    @property
+    def is_open(self) -> bool:
+        return self._tx is not None
 
     def due(self, next_ready: bool) -> bool:
         return (
@@ -727,14 +832,14 @@ async def _archive(engine: Engine, dataset: DatasetConfig, f: ChangeFile, delete
 def _observe_source(
     engine: Engine,
     dataset: DatasetConfig,
-    listed: list[ChangeFile],
-    pending: list[ChangeFile],
+    newest: ChangeFile | None,
+    pending: int,
+    oldest_pending: ChangeFile | None,
     watermark: str | None,
 ) -> None:
     m = engine.metrics
-    newest = listed[-1] if listed else None
-    m.pending_files.labels(dataset.name).set(len(pending))
-    m.source_lag.labels(dataset.name).set(lag_seconds(newest, watermark, pending))
+    m.pending_files.labels(dataset.name).set(pending)
+    m.source_lag.labels(dataset.name).set(_lag(newest, watermark, oldest_pending if pending else None))
     if newest is not None:
         m.newest_source_ts.labels(dataset.name).set(newest.timestamp.timestamp())
     wm_ts = key_timestamp(watermark) if watermark else None
@@ -742,6 +847,10 @@ def _observe_source(
         m.watermark_ts.labels(dataset.name).set(wm_ts.timestamp())
         if newest is None or newest.timestamp < wm_ts:
             m.newest_source_ts.labels(dataset.name).set(wm_ts.timestamp())
+
+
+def _observe_listing(engine: Engine, dataset: DatasetConfig, files: PassFiles, watermark: str | None) -> None:
+    _observe_source(engine, dataset, files.newest, files.waiting, files.oldest_waiting, watermark)
 
 
 def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.DatasetState) -> None:
@@ -775,7 +884,14 @@ async def status(
             listed = await engine.source.list_changes(dataset)
         known = await ledger.entries(conn, dataset.name, [f.key for f in listed])
     pending = [f for f in listed if (f.key, f.etag) not in known]
-    _observe_source(engine, dataset, listed, pending, state.watermark)
+    _observe_source(
+        engine,
+        dataset,
+        listed[-1] if listed else None,
+        len(pending),
+        pending[0] if pending else None,
+        state.watermark,
+    )
     _observe_shared_state(engine, dataset, state)
     out: dict[str, Any] = {
         "watermark": state.watermark,
@@ -795,8 +911,9 @@ async def status_as_last_seen(
     files and lag as the last drain pass's listing recorded them. An S3 outage is when
     an operator most needs the database's half of the picture.
 
-    Only a drain records its listing: it lists before it applies anything, so every
-    ledger row written after that instant is a file it dealt with. An observer listing
+    Only a drain records its listing: it records it before it applies anything (the
+    pages read so far; the totals once a streamed listing ends, with the same
+    instant), so every ledger row written after that instant is a file it dealt with. An observer listing
     beside a file in flight could not tell (a file's applied_at is its transaction's
     start), and would leave a pending count that never goes down."""
     async with engine.pool.acquire() as conn:

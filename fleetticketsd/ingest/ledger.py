@@ -100,6 +100,19 @@ FROM no_flush
 WHERE dataset = $1
 """
 )
+# A streamed listing's totals, once it has ended: the pass recorded the pages read
+# until its first apply (RECORD_SOURCE_SEEN); source_checked_at stays that instant,
+# so the ledger rows written since it are still the files the pass dealt with.
+RECORD_SOURCE_TOTAL = (
+    _NO_FLUSH
+    + """
+UPDATE tickets.import_meta
+SET metadata = metadata || jsonb_build_object('newest_key', $2::text, 'pending_files', $3::int),
+    updated_at = now()
+FROM no_flush
+WHERE dataset = $1
+"""
+)
 # The last drain listing's view of one dataset, net of the files applied since: the
 # dashboards' freshness (migrations/0004_read_side.sql), for `status` while S3 is down.
 LAST_LISTING = "SELECT reporting.fn_freshness() -> $1::text"

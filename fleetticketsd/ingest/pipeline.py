@@ -63,6 +63,11 @@ class Prefetcher:
         self.waited_s = 0.0
         self._fill()
 
+    def add(self, files: list[ChangeFile]) -> None:
+        """More files, after those already given, in the order they will be applied."""
+        self._queue.extend(files)
+        self._fill()
+
     def _fill(self) -> None:
         while self._queue and len(self._tasks) < self._max_files:
             f = self._queue[0]

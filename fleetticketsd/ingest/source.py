@@ -30,6 +30,8 @@ from fleetticketsd.ingest.s3errors import describe as describe_s3
 
 log = structlog.get_logger("fleetticketsd.ingest.source")
 
+LIST_PAGE_KEYS = 1000  # ListObjectsV2's MaxKeys ceiling
+
 
 class SourceError(Exception):
     """An S3 call failed after retries; ``op`` is the call, ``key`` what it was about."""
@@ -80,6 +82,8 @@ class S3Source:
         self.max_attempts = max_attempts or config.max_attempts
         self._on_retry = on_retry
         self.bucket = config.bucket
+        # Keys per listing request: S3's maximum; tests set it small to get many pages.
+        self.list_page_keys = LIST_PAGE_KEYS
         self._session = aioboto3.Session(
             aws_access_key_id=config.access_key_id,
             aws_secret_access_key=config.secret_access_key,
@@ -147,26 +151,51 @@ class S3Source:
         return await self.list_files(dataset.processed_prefix, start_after=dataset.processed_prefix + name)
 
     async def list_files(self, prefix: str, start_after: str | None = None) -> list[ChangeFile]:
-        """Timestamp-named files directly under ``prefix``, oldest name first.
+        """Timestamp-named files directly under ``prefix``, oldest name first."""
+        return [f async for page in self.list_pages(prefix, start_after) for f in page]
 
+    async def list_pages(
+        self, prefix: str, start_after: str | None = None
+    ) -> AsyncIterator[list[ChangeFile]]:
+        """``list_files`` one listing page at a time (``list_page_keys`` keys a request).
+
+        ListObjectsV2 answers in key order, and under one prefix key order is name
+        order, so the pages come oldest name first: a pass can apply the first page
+        while the server lists the rest. A server that answered out of order would
+        break semantic 1, so a page that goes back in names fails the listing.
         The Delimiter keeps the listing to the one level that matters: sub-folders
         are not change files and cost nothing to skip.
         """
-        found: list[ChangeFile] = []
         extra = {"StartAfter": start_after} if start_after else {}
+        last = ""
         try:
             paginator = self.client.get_paginator("list_objects_v2")
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/", **extra):
+            async for page in paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=prefix,
+                Delimiter="/",
+                PaginationConfig={"PageSize": self.list_page_keys},
+                **extra,
+            ):
+                found: list[ChangeFile] = []
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
                     ts = key_timestamp(key)
                     if ts is None or key[len(prefix) :] != file_name(key):
                         continue
                     found.append(ChangeFile(key, obj["ETag"].strip('"'), obj["Size"], ts))
+                found.sort(key=lambda f: f.name)
+                if found and found[0].name <= last:
+                    raise SourceError(
+                        "list",
+                        prefix,
+                        ValueError(f"listing out of name order at {found[0].key} (after {last})"),
+                    )
+                if found:
+                    last = found[-1].name
+                    yield found
         except (ClientError, BotoCoreError) as exc:
             raise SourceError("list", prefix, exc) from exc
-        found.sort(key=lambda f: f.name)
-        return found
 
     async def any_file(self, prefix: str) -> bool:
         """Whether anything at all lies under ``prefix`` (one key asked for)."""

@@ -55,6 +55,7 @@ from ingest import (  # bench/ is not a package: found through sys.path
     BUCKET,
     PROXY_SCRIPT,
     _wait_for,
+    engine_for,
     free_port,
     moto_server,
     s3_client,
@@ -63,10 +64,8 @@ from ingest import (  # bench/ is not a package: found through sys.path
 
 from fleetticketsd import feedgen
 from fleetticketsd.config import Config, parse
-from fleetticketsd.database import db
 from fleetticketsd.ingest.drain import Engine, drain
 from fleetticketsd.ingest.source import S3Source
-from fleetticketsd.metrics import Metrics
 
 DISTINCT_SHARE = 0.7035  # distinct tickets per row of feedgen's baseline (seed 11)
 SHIPPED_POST_APPLY = ["capture_history"]  # config.toml's [datasets.inc]
@@ -91,16 +90,6 @@ def config_for(db_url: str, endpoint: str, prefix: str, post_apply: list[str]) -
         },
         env={},
     )
-
-
-@contextlib.asynccontextmanager
-async def engine_for(config: Config) -> AsyncIterator[Engine]:
-    pool = await db.create_pool(config.database)
-    try:
-        async with S3Source(config.s3) as source:
-            yield Engine(config, pool, source, Metrics())
-    finally:
-        await pool.close()
 
 
 async def empty(db_url: str) -> None:

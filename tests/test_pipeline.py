@@ -217,3 +217,33 @@ async def test_archive_deletes_are_batched_and_a_failed_delete_is_finished_next_
     assert len(bucket.keys("automations/inc/processed/")) == n
     assert await conn.fetchval("SELECT count(*) FROM tickets.ingest_files") == n
     print(f"\n{n} moves, {len(requests)} delete requests")
+
+
+async def test_endpoint_resolution_is_cached_across_keys_and_requests_still_reach_the_bucket(
+    make_config: Callable[..., Config], bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore evaluates S3's endpoint rules behind a cache keyed by every parameter,
+    Key included (source.cache_endpoints): with the parameters the rules never read left
+    out, 40 objects cost one evaluation, and every request still lands where it should."""
+    import botocore.endpoint_provider
+
+    evaluations = 0
+    real = botocore.endpoint_provider.RuleSet.evaluate
+
+    def counted(self: object, *args: object, **kwargs: object) -> object:
+        nonlocal evaluations
+        evaluations += 1
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    for i in range(20):
+        bucket.put(inc_key(name(i)), csv_file(row(f"T{i}")))
+    # Counted from here: the test's own puts above go through boto3, uncached.
+    monkeypatch.setattr(botocore.endpoint_provider.RuleSet, "evaluate", counted)
+    async with engine_with(make_config) as engine:
+        report = await drain(engine, engine.config.dataset("inc"))
+    assert report.ok and report.files_applied == 20
+    assert len(bucket.keys("automations/inc/processed/")) == 20
+    assert bucket.keys("automations/inc/changes/") == []
+    # Listings, 20 GETs, 20 copies, deletes: one evaluation per operation's distinct
+    # parameters (a handful), not one per request.
+    assert evaluations <= 8, evaluations

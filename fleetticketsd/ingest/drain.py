@@ -76,6 +76,8 @@ class Engine:
     metrics: Metrics
     # Schema drift is logged once per dataset and process, not once per file.
     drift_logged: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+    # When a pass must look in processed/ for files a restore took away (replay.py).
+    replays: replay.Watch = field(default_factory=replay.Watch)
 
 
 class DrainFailed(Exception):
@@ -296,21 +298,26 @@ async def _pass(
             # The watermark moves only under the lock this pass holds: read it first, and
             # list processed/ after it while changes/ is listed.
             state = await ledger.state(conn, dataset.name)
+            look_back = dry_run or engine.replays.due(dataset, state.watermark)
+            after: list[ChangeFile] = []
             if state.blocked is None:
                 reader = await stack.enter_async_context(
                     PageReader(source.list_pages(dataset.changes_prefix), LISTING_PAGES_AHEAD)
                 )
                 try:
-                    (after,) = await _list(replay.candidates(source, dataset, state.watermark))
+                    if look_back:
+                        (after,) = await _list(replay.candidates(source, dataset, state.watermark))
                 except DrainFailed:
                     # As with whole listings, changes/'s error first when both failed.
                     if isinstance(error := await reader.first_error(), SourceError):
                         raise source_failed("list", error) from error
                     raise
             else:
-                listed, after = await _list(
-                    source.list_changes(dataset), replay.candidates(source, dataset, state.watermark)
+                listed, *rest = await _list(
+                    source.list_changes(dataset),
+                    *([replay.candidates(source, dataset, state.watermark)] if look_back else []),
                 )
+                after = rest[0] if rest else []
                 reader = await stack.enter_async_context(PageReader(_one_page(listed), LISTING_PAGES_AHEAD))
             replayed = await replay.not_in_ledger(conn, dataset, after)
         else:
@@ -509,6 +516,7 @@ async def _pass(
             m.dataset_blocked.labels(dataset.name).set(0)
             _observe_source(engine, dataset, files.newest, 0, None, watermark)
             await record_total()
+            engine.replays.finished(dataset, watermark)
 
 
 LISTING_PAGES_AHEAD = 2  # listing pages read ahead of the pass: 2,000 files at most

@@ -226,7 +226,7 @@ class Daemon:
             async with self.engine.pool.acquire() as conn:
                 known = {r["dataset"]: r["at"].timestamp() for r in await conn.fetch(ledger.LAST_SUCCESS)}
         for ds in self.config.enabled_datasets:
-            self.metrics.last_success.labels(ds.name).set(known.get(ds.name, time.time()))
+            self.metrics.succeeded_at(ds.name, known.get(ds.name, time.time()))
 
     async def _check_foreign_writes(self) -> None:
         """Warn while another program writes the tables taken over from the legacy loader:

@@ -140,18 +140,23 @@ async def apply_file(
     size_bytes: int | None = None,
     max_record_bytes: int = 16 * 1024 * 1024,
     statement_timeout_s: float = 600.0,
+    incoming_ready: bool = False,
 ) -> FileResult:
     """Apply one file in one transaction (a savepoint if the caller holds one).
 
+    ``incoming_ready``: the caller has created the session's temp table (CREATE_INCOMING).
     Raises BadFile (nothing applied) if the bytes are not the feed, DatabaseFault
     (the session terminated: the server rolls the file back) if the connection is
     lost or the COPY outlives ``statement_timeout_s``; any error leaves nothing applied.
     """
     parser = FeedParser(max_record_bytes)
     async with guarded(conn) as guard, conn.transaction():
-        # Without arguments: the simple protocol, nothing to prepare. The server's
-        # "already exists, skipping" notice goes to no listener.
-        await conn.execute(CREATE_INCOMING)
+        if not incoming_ready:
+            # Without arguments: the simple protocol, nothing to prepare. The server's
+            # "already exists, skipping" notice goes to no listener. A drain pass creates
+            # it once, outside any file's savepoint (``incoming_ready``): created inside
+            # one, it would go with the savepoint of a bad file.
+            await conn.execute(CREATE_INCOMING)
         # asyncpg leaves a COPY's wait for the socket to drain unbounded, and a server
         # error during COPY is read only once the whole file is sent: this bound is the
         # COPY's (the server bounds the statement by the same setting), and asyncpg's

@@ -39,7 +39,7 @@ from fleetticketsd.database.dbguard import (
     session_ended,
 )
 from fleetticketsd.ingest import history, ledger, replay
-from fleetticketsd.ingest.apply import FileResult, apply_file
+from fleetticketsd.ingest.apply import CREATE_INCOMING, FileResult, apply_file
 from fleetticketsd.ingest.feed import BadFile, file_name, key_timestamp
 from fleetticketsd.ingest.ledger import Blocked
 from fleetticketsd.ingest.pipeline import Archiver, Deletes, Prefetcher
@@ -248,7 +248,7 @@ async def drain(
         if not dry_run and not report.locked:
             engine.metrics.poll_duration.labels(dataset.name).observe(elapsed)
             if report.ok:
-                engine.metrics.last_success.labels(dataset.name).set(time.time())
+                engine.metrics.succeeded_at(dataset.name, time.time())
         log.info(
             "drain pass done" if report.ok else "drain pass stopped",
             files_applied=report.files_applied,
@@ -459,6 +459,7 @@ async def _pass(
             if not observed:
                 _observe_listing(engine, dataset, files, state.watermark)
             done = 0
+            incoming_ready = False
             while True:
                 await take(1)
                 f = await files.next()
@@ -472,6 +473,11 @@ async def _pass(
                 report.at_key = f.key
                 with structlog.contextvars.bound_contextvars(key=f.key):
                     again = files.is_replay(f)
+                    if not incoming_ready:
+                        # The files' temp table, once a pass rather than once a file, and
+                        # before any batch or savepoint is open (apply.py).
+                        await conn.execute(CREATE_INCOMING)
+                        incoming_ready = True
                     if batch is not None:
                         await batch.open()
                     try:
@@ -681,6 +687,7 @@ async def _apply_one(
                 size_bytes=f.size,
                 max_record_bytes=engine.config.ingest.max_record_bytes,
                 statement_timeout_s=engine.config.database.statement_timeout_s,
+                incoming_ready=True,
             )
     except BadFile:
         m.poll_failures.labels(dataset.name, "parse").inc()
@@ -869,11 +876,7 @@ def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.
     m.dataset_blocked.labels(dataset.name).set(1 if state.blocked else 0)
     last = state.metadata.get("last_success_at")
     if last:
-        at = datetime.fromisoformat(last).timestamp()
-        mine = m.registry.get_sample_value(
-            "fleettickets_last_success_timestamp_seconds", {"dataset": dataset.name}
-        )
-        m.last_success.labels(dataset.name).set(max(mine or 0.0, at))
+        m.succeeded_at(dataset.name, datetime.fromisoformat(last).timestamp())
 
 
 # --- status ----------------------------------------------------------------------------

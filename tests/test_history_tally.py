@@ -238,7 +238,7 @@ async def test_concurrent_writers_both_count(conn: asyncpg.Connection, db_url: s
 async def test_time_alone_moves_a_ticket_across_the_48h_boundary(conn: asyncpg.Connection) -> None:
     """Breaches that come with time are counted by a pass without files: the ranges are
     read at each capture, not kept."""
-    await put(conn, "EDGE", created_at_service=ago("47:59:59"))
+    await put(conn, "EDGE", created_at_service=ago("47:59:58"))
     assert await capture(conn) == (1, 0, 1)
     deadline = time.monotonic() + 10
     while not await conn.fetchval(

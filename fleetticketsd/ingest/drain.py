@@ -39,7 +39,7 @@ from fleetticketsd.database.dbguard import (
     session_ended,
 )
 from fleetticketsd.ingest import history, ledger, replay
-from fleetticketsd.ingest.apply import CREATE_INCOMING, FileResult, apply_file
+from fleetticketsd.ingest.apply import FileResult, apply_file, ensure_incoming
 from fleetticketsd.ingest.feed import BadFile, file_name, key_timestamp
 from fleetticketsd.ingest.ledger import Blocked
 from fleetticketsd.ingest.pipeline import Archiver, Deletes, Prefetcher
@@ -445,8 +445,10 @@ async def _pass(
             head = files.peek()
             report.at_key = head.key if head is not None else None
             # The first write of the pass comes only now, so that a database that cannot
-            # write (read-only after a failover) fails naming the file that waits.
-            await ledger.ensure(conn, dataset.name)
+            # write (read-only after a failover) fails naming the file that waits. A
+            # dataset that has its row is only updated (the listing, just below).
+            if dry_run or not state.exists:
+                await ledger.ensure(conn, dataset.name)
             if not dry_run:
                 # When the pass began to apply: the ledger rows written from now on are the
                 # files it dealt with (reporting.fn_freshness). The listing's totals follow
@@ -476,7 +478,7 @@ async def _pass(
                     if not incoming_ready:
                         # The files' temp table, once a pass rather than once a file, and
                         # before any batch or savepoint is open (apply.py).
-                        await conn.execute(CREATE_INCOMING)
+                        await ensure_incoming(conn)
                         incoming_ready = True
                     if batch is not None:
                         await batch.open()

@@ -86,13 +86,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# moto's werkzeug server speaks HTTP/1.0 by default and closes every connection, so
-# each request would pay a TCP handshake (one more RTT through the proxy). Real
-# S3 endpoints keep connections alive; so does the bench's moto.
+# moto's own server (werkzeug's) ends every response with "Connection: close", whatever
+# the HTTP version, so each request would pay a TCP handshake (one more RTT through the
+# latency proxy) and a thread start in moto. Real S3 endpoints keep connections alive;
+# the bench's moto does too, by serving moto's WSGI app with waitress, which supports
+# HTTP/1.1 keep-alive properly.
 MOTO_KEEPALIVE = (
-    "import sys; from werkzeug.serving import WSGIRequestHandler; "
-    "WSGIRequestHandler.protocol_version = 'HTTP/1.1'; "
-    "from moto.server import main; sys.argv[0] = 'moto_server'; main()"
+    "import sys, waitress; "
+    "from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app; "
+    "waitress.serve(DomainDispatcherApplication(create_backend_app), host='127.0.0.1', "
+    "port=int(sys.argv[1]), threads=8, _quiet=True, ident=None)"
 )
 
 
@@ -111,13 +114,16 @@ def _wait_for(url: str, timeout_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
+def moto_server(pids: list[int] | None = None) -> Iterator[str]:
+    """moto on a free port; its process id is appended to ``pids`` (for CPU accounting)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", MOTO_KEEPALIVE, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", MOTO_KEEPALIVE, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if pids is not None:
+        pids.append(proc.pid)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(url)

@@ -62,7 +62,7 @@ from ingest import (  # bench/ is not a package: found through sys.path
     scratch_database,
 )
 
-from fleetticketsd import feedgen
+from fleetticketsd import feedgen, logs
 from fleetticketsd.config import Config, parse
 from fleetticketsd.ingest.drain import Engine, drain
 from fleetticketsd.ingest.source import S3Source
@@ -100,6 +100,20 @@ async def empty(db_url: str) -> None:
     await conn.close()
 
 
+# What autovacuum does within a minute of a baseline landing in an empty table: a table
+# users have has statistics that know its size. Without them, the planner takes the
+# prepared-features table for a few rows, and the features trigger's DELETE of a
+# 20-row file reads all of them (15.6 ms a file's upsert at 30k rows, not 7.9).
+SETTLE = ("VACUUM ANALYZE tickets.inc", "VACUUM ANALYZE tickets.ticket_features")
+
+
+async def settle(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    for statement in SETTLE:
+        await conn.execute(statement)
+    await conn.close()
+
+
 def put_all(endpoint: str, items: list[tuple[str, bytes]]) -> None:
     """Upload concurrently: moto takes a few ms a put, and a backlog is thousands."""
     s3 = s3_client(endpoint)
@@ -108,7 +122,7 @@ def put_all(endpoint: str, items: list[tuple[str, bytes]]) -> None:
 
 
 @contextlib.contextmanager
-def latency_proxy(endpoint: str, delay_s: float = 0.025) -> Iterator[str]:
+def latency_proxy(endpoint: str, delay_s: float = 0.025, pids: list[int] | None = None) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -122,6 +136,8 @@ def latency_proxy(endpoint: str, delay_s: float = 0.025) -> Iterator[str]:
             str(delay_s),
         ]
     )
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         _wait_for(f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}"
@@ -149,17 +165,57 @@ async def catch_up(
     async with engine_for(config) as engine:
         base = await drain(engine, config.dataset("inc"))
     assert base.ok and base.files_applied == 1, base
+    await settle(db_url)
     put_all(endpoint, [(key + name, body) for name, body in files[1:]])
-    with latency_proxy(endpoint) as proxied:
+    proxy_pid: list[int] = []
+    with latency_proxy(endpoint, pids=proxy_pid) as proxied:
         config = config_for(db_url, proxied, prefix, post_apply)
         async with engine_for(config) as engine:
+            cpu = CpuShares({"fleetticketsd": os.getpid(), "moto": S3_PIDS[0], "proxy": proxy_pid[0]})
             t = time.perf_counter()
             report = await drain(engine, config.dataset("inc"))
             elapsed = time.perf_counter() - t
+            used = cpu.since()
     assert report.ok and report.files_applied == deltas, report
     left = s3_client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount", 0)
     assert left == 0, f"{left} files not archived"
-    return {"seconds": elapsed, "files": deltas, "rows": baseline_rows}
+    return {"seconds": elapsed, "files": deltas, "rows": baseline_rows, "cpu": used}
+
+
+S3_PIDS: list[int] = []  # the bench's moto (main() starts it)
+
+
+class CpuShares:
+    """CPU seconds each named process used since creation, and the rest of the machine's
+    (PostgreSQL, the kernel's loopback traffic, anything else): on 2 cores shared by
+    the daemon, moto, the proxy and PostgreSQL, a catch-up is bound by their sum."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        self.machine = machine_cpu_s()
+
+    def since(self) -> dict[str, float]:
+        used = {name: process_cpu_s(pid) - self.start[name] for name, pid in self.pids.items()}
+        busy, total = (a - b for a, b in zip(machine_cpu_s(), self.machine, strict=True))
+        used["rest"] = max(0.0, busy - sum(used.values()))
+        used["busy_share"] = busy / total if total else 0.0
+        return used
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def cpu_note(c: dict[str, float]) -> str:
+    return (
+        f"CPU s: us {c['fleetticketsd']:.1f}, moto {c['moto']:.1f}, proxy {c['proxy']:.1f}, "
+        f"PostgreSQL+rest {c['rest']:.1f}; cores {c['busy_share']:.0%} busy"
+    )
 
 
 # --- 2: a 1-row delta at 10k and 300k rows ------------------------------------------------------
@@ -169,7 +225,8 @@ class Shares:
     """Wall time spent awaiting the database and the bucket, by wrapping their calls."""
 
     DB_CALLS = ("execute", "fetch", "fetchrow", "fetchval", "copy_records_to_table")
-    S3_CALLS = ("list_files", "_move", "head")
+    # Every S3Source call a pass makes (list_files reads through list_pages, timed there).
+    S3_CALLS = ("any_file", "copy_to_processed", "delete_many", "_move", "head")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -187,6 +244,25 @@ class Shares:
 
         setattr(owner, name, timed)
         self._undo.append(lambda: setattr(owner, name, real))
+
+    def _wrap_pages(self) -> None:
+        real = S3Source.list_pages
+        shares = self
+
+        async def timed_pages(self: S3Source, *args: Any, **kwargs: Any) -> AsyncIterator[list[Any]]:
+            pages = real(self, *args, **kwargs).__aiter__()
+            while True:
+                t = time.perf_counter()
+                try:
+                    page = await pages.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    shares.seconds["s3"] += time.perf_counter() - t
+                yield page
+
+        S3Source.list_pages = timed_pages  # type: ignore[method-assign]
+        self._undo.append(lambda: setattr(S3Source, "list_pages", real))
 
     def _wrap_open(self) -> None:
         real = S3Source.open
@@ -212,6 +288,7 @@ class Shares:
             self._wrap(asyncpg.Connection, name, "db")
         for name in self.S3_CALLS:
             self._wrap(S3Source, name, "s3")
+        self._wrap_pages()
         self._wrap_open()
         return self
 
@@ -277,7 +354,8 @@ async def delta_at_sizes(
             base = await drain(engine, config.dataset("inc"))
             assert base.ok and base.files_applied == 1, base
             async with engine.pool.acquire() as conn:
-                await conn.execute("VACUUM ANALYZE tickets.inc")
+                for statement in SETTLE:
+                    await conn.execute(statement)
                 have = await conn.fetchval("SELECT count(*) FROM tickets.inc")
             out[rows] = await one_row_deltas(engine, endpoint, prefix, at, runs) | {"table_rows": have}
     return out
@@ -445,8 +523,14 @@ async def main() -> None:
         help="comma-separated: catchup, delta, datasets, backlog",
     )
     ap.add_argument("--keep", default=None, help="a directory to keep the daemons' logs in (debugging)")
+    ap.add_argument("--log", default=None, help="where the drains' JSON log lines go (default: a temp file)")
     args = ap.parse_args()
     only = set(args.only.split(","))
+    # The drains log as the daemon does in a container (INFO, one JSON line per event):
+    # unconfigured, structlog would render every line for a terminal, at another cost.
+    log_path = Path(args.log) if args.log else Path(tempfile.gettempdir()) / f"fleet-speed-{os.getpid()}.log"
+    log_file = log_path.open("w")
+    logs.configure("info", "json", stream=log_file)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     deltas = 200 if args.quick else 1000
@@ -454,7 +538,7 @@ async def main() -> None:
     print(f"fleetticketsd speed bench — {datetime.now():%Y-%m-%d %H:%M} — {platform.node()}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start\n")
     rows: list[tuple[str, str, str, bool]] = []
-    with moto_server() as endpoint:
+    with moto_server(S3_PIDS) as endpoint:
         s3_client(endpoint).create_bucket(Bucket=BUCKET)
         async with scratch_database("_speed") as db_url:
             if "catchup" in only:
@@ -462,6 +546,7 @@ async def main() -> None:
                 bare30 = await catch_up(db_url, endpoint, "bare30k", 30_000, [], deltas)
                 bare2 = await catch_up(db_url, endpoint, "bare2k", 2_000, [], deltas)
                 ratio = shipped["seconds"] / bare2["seconds"]
+                runs = (shipped, bare30, bare2)
                 rows += [
                     (
                         f"1a catch-up {deltas:,} deltas, 50 ms RTT, shipped config, 30k rows",
@@ -487,6 +572,11 @@ async def main() -> None:
                         f"{bare30['seconds'] / bare2['seconds']:.2f}×",
                         "-",
                         True,
+                    ),
+                    # Where the two cores went during each timed catch-up.
+                    *(
+                        (f"1{t}   {cpu_note(r['cpu'])}", "", "-", True)
+                        for t, r in zip("abc", runs, strict=True)
                     ),
                 ]
             if "delta" in only:
@@ -563,6 +653,7 @@ async def main() -> None:
     for name, measured, target, ok in rows:
         print(f"{name:{width}}  {measured:34}  {target:8}  {'yes' if ok else 'NO'}")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (2 cores shared with other work)")
+    print(f"drain logs: {log_path}")
 
 
 if __name__ == "__main__":

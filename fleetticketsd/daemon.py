@@ -210,7 +210,12 @@ class Daemon:
             source = S3Source(config.s3, on_retry=self.metrics.s3_retry)
             await source.__aenter__()
         drift = old.drift_logged if old is not None else set()
-        return Engine(config, pool, source, self.metrics, drift)
+        engine = Engine(config, pool, source, self.metrics, drift)
+        if old is not None and old.config.database == config.database and old.source is source:
+            # Same database, same bucket: what the last passes saw of each watermark
+            # still holds (another database's or bucket's would not).
+            engine.replays = old.replays
+        return engine
 
     async def _restore_last_success(self) -> None:
         """Start the no-successful-pass clock where the last process left it (or now),
@@ -221,7 +226,7 @@ class Daemon:
             async with self.engine.pool.acquire() as conn:
                 known = {r["dataset"]: r["at"].timestamp() for r in await conn.fetch(ledger.LAST_SUCCESS)}
         for ds in self.config.enabled_datasets:
-            self.metrics.last_success.labels(ds.name).set(known.get(ds.name, time.time()))
+            self.metrics.succeeded_at(ds.name, known.get(ds.name, time.time()))
 
     async def _check_foreign_writes(self) -> None:
         """Warn while another program writes the tables taken over from the legacy loader:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from fleetticketsd.config import Config
-from fleetticketsd.ingest.drain import Engine, drain
+from fleetticketsd.ingest.drain import Engine, drain, status
 from fleetticketsd.ingest.source import S3Source
 
 from .conftest import SAMPLE, Bucket, csv_file, inc_key, row
@@ -526,3 +527,31 @@ async def test_a_version_uploaded_after_the_listing_is_neither_read_nor_archived
     assert report.files_applied == 1
     row_ = await ticket(conn, "T1")
     assert row_ is not None and row_["owner"] == "fixed"
+
+
+async def test_last_success_follows_another_process_forward_never_back(
+    engine: Engine, bucket: Bucket, conn: asyncpg.Connection
+) -> None:
+    """The gauge alerts page on: a success recorded by another replica (or by a drain
+    from a shell) moves it on when status reads the database; an older one never
+    takes it back."""
+    upload_sample(bucket)
+    assert (await drain(engine, engine.config.dataset("inc"))).ok
+    gauge = ("fleettickets_last_success_timestamp_seconds", {"dataset": "inc"})
+    mine = engine.metrics.registry.get_sample_value(*gauge)
+    assert mine is not None
+
+    async def recorded_elsewhere(at: str) -> float | None:
+        await conn.execute(
+            "UPDATE tickets.import_meta"
+            " SET metadata = metadata || jsonb_build_object('last_success_at', $1::text)"
+            " WHERE dataset = 'inc'",
+            at,
+        )
+        await status(engine, engine.config.dataset("inc"))
+        return engine.metrics.registry.get_sample_value(*gauge)
+
+    assert await recorded_elsewhere("2020-01-01T00:00:00+00:00") == mine
+    later = datetime.fromtimestamp(mine + 3600, UTC)
+    assert await recorded_elsewhere(later.isoformat()) == later.timestamp()
+    assert await recorded_elsewhere("2020-01-01T00:00:00+00:00") == later.timestamp()

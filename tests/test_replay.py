@@ -170,6 +170,64 @@ async def test_after_a_restore_from_an_older_backup_the_pass_replays_what_the_ba
     assert await fetch(db_url, "SELECT count(*) FROM tickets.ingest_files") == [21]
 
 
+def processed_listings(proxy: FaultProxy, since: int) -> list[str]:
+    return [s.target for s in proxy.requests("list")[since:] if f"prefix={INC}processed/" in s.target]
+
+
+async def test_a_long_running_process_lists_processed_only_when_the_watermark_went_back(
+    make_config: Callable[..., Config],
+    bucket: Bucket,
+    db_url: str,
+    proxy: FaultProxy,
+    feed: list[tuple[str, bytes]],
+    tmp_path: Path,
+) -> None:
+    """As the daemon runs: one engine for every pass. A restore takes the watermark back,
+    which is what makes a pass look in processed/; a steady-state pass makes one request
+    fewer; a pass stopped part-way through a replay leaves the next one to look again."""
+    config = make_config(
+        s3={"endpoint_url": proxy.endpoint},
+        # One file a commit, so that the stop below falls inside the replay.
+        ingest={"commit_batch_files": 1},
+        datasets={"inc": {"prefix": INC, "table": "tickets.inc", **HISTORY}},
+    )
+    inc = config.dataset("inc")
+    async with engine_for(config) as engine:
+        put(bucket, feed[:8])
+        before = len(proxy.requests("list"))
+        assert (await drain(engine, inc)).files_applied == 8
+        assert processed_listings(proxy, before), "a process's first pass looks"
+        dump = tmp_path / "after-8.dump"
+        tool("pg_dump", "--format=custom", f"--file={dump}", f"--dbname={db_url}")
+        put(bucket, feed[8:])
+        before = len(proxy.requests("list"))
+        assert (await drain(engine, inc)).files_applied == 13
+        assert (await drain(engine, inc)).files_applied == 0
+        assert processed_listings(proxy, before) == [], "steady state: the watermark only moved on"
+
+        await asyncio.to_thread(restore_in_place, db_url, dump)
+        await engine.pool.expire_connections()
+        stop = asyncio.Event()
+
+        def progress(_ds: object, done: int, _total: int, _result: object) -> None:
+            if done >= 5:
+                stop.set()
+
+        before = len(proxy.requests("list"))
+        cut = await drain(engine, inc, stop=stop, progress=progress)
+        assert cut.ok and 5 <= cut.files_replayed < 13, cut
+        assert processed_listings(proxy, before), "the watermark went back: the pass looks"
+        before = len(proxy.requests("list"))
+        rest = await drain(engine, inc)
+        assert rest.ok and cut.files_replayed + rest.files_replayed == 13, rest
+        assert processed_listings(proxy, before), "the last pass stopped part-way: this one looks again"
+        before = len(proxy.requests("list"))
+        assert (await drain(engine, inc)).files_applied == 0
+        assert processed_listings(proxy, before) == []
+    ledger = await fetch(db_url, LEDGER)
+    assert ledger == [(f"{INC}changes/{name}", "applied") for name, _ in feed]
+
+
 async def test_replayed_files_merge_with_waiting_changes_in_name_order_and_a_name_in_both_is_applied_once(
     make_config: Callable[..., Config],
     bucket: Bucket,

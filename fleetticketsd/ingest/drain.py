@@ -39,7 +39,7 @@ from fleetticketsd.database.dbguard import (
     session_ended,
 )
 from fleetticketsd.ingest import history, ledger, replay
-from fleetticketsd.ingest.apply import FileResult, apply_file
+from fleetticketsd.ingest.apply import FileResult, apply_file, ensure_incoming
 from fleetticketsd.ingest.feed import BadFile, file_name, key_timestamp
 from fleetticketsd.ingest.ledger import Blocked
 from fleetticketsd.ingest.pipeline import Archiver, Deletes, Prefetcher
@@ -76,6 +76,8 @@ class Engine:
     metrics: Metrics
     # Schema drift is logged once per dataset and process, not once per file.
     drift_logged: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+    # When a pass must look in processed/ for files a restore took away (replay.py).
+    replays: replay.Watch = field(default_factory=replay.Watch)
 
 
 class DrainFailed(Exception):
@@ -246,7 +248,7 @@ async def drain(
         if not dry_run and not report.locked:
             engine.metrics.poll_duration.labels(dataset.name).observe(elapsed)
             if report.ok:
-                engine.metrics.last_success.labels(dataset.name).set(time.time())
+                engine.metrics.succeeded_at(dataset.name, time.time())
         log.info(
             "drain pass done" if report.ok else "drain pass stopped",
             files_applied=report.files_applied,
@@ -296,21 +298,26 @@ async def _pass(
             # The watermark moves only under the lock this pass holds: read it first, and
             # list processed/ after it while changes/ is listed.
             state = await ledger.state(conn, dataset.name)
+            look_back = dry_run or engine.replays.due(dataset, state.watermark)
+            after: list[ChangeFile] = []
             if state.blocked is None:
                 reader = await stack.enter_async_context(
                     PageReader(source.list_pages(dataset.changes_prefix), LISTING_PAGES_AHEAD)
                 )
                 try:
-                    (after,) = await _list(replay.candidates(source, dataset, state.watermark))
+                    if look_back:
+                        (after,) = await _list(replay.candidates(source, dataset, state.watermark))
                 except DrainFailed:
                     # As with whole listings, changes/'s error first when both failed.
                     if isinstance(error := await reader.first_error(), SourceError):
                         raise source_failed("list", error) from error
                     raise
             else:
-                listed, after = await _list(
-                    source.list_changes(dataset), replay.candidates(source, dataset, state.watermark)
+                listed, *rest = await _list(
+                    source.list_changes(dataset),
+                    *([replay.candidates(source, dataset, state.watermark)] if look_back else []),
                 )
+                after = rest[0] if rest else []
                 reader = await stack.enter_async_context(PageReader(_one_page(listed), LISTING_PAGES_AHEAD))
             replayed = await replay.not_in_ledger(conn, dataset, after)
         else:
@@ -438,8 +445,10 @@ async def _pass(
             head = files.peek()
             report.at_key = head.key if head is not None else None
             # The first write of the pass comes only now, so that a database that cannot
-            # write (read-only after a failover) fails naming the file that waits.
-            await ledger.ensure(conn, dataset.name)
+            # write (read-only after a failover) fails naming the file that waits. A
+            # dataset that has its row is only updated (the listing, just below).
+            if dry_run or not state.exists:
+                await ledger.ensure(conn, dataset.name)
             if not dry_run:
                 # When the pass began to apply: the ledger rows written from now on are the
                 # files it dealt with (reporting.fn_freshness). The listing's totals follow
@@ -452,6 +461,7 @@ async def _pass(
             if not observed:
                 _observe_listing(engine, dataset, files, state.watermark)
             done = 0
+            incoming_ready = False
             while True:
                 await take(1)
                 f = await files.next()
@@ -465,6 +475,11 @@ async def _pass(
                 report.at_key = f.key
                 with structlog.contextvars.bound_contextvars(key=f.key):
                     again = files.is_replay(f)
+                    if not incoming_ready:
+                        # The files' temp table, once a pass rather than once a file, and
+                        # before any batch or savepoint is open (apply.py).
+                        await ensure_incoming(conn)
+                        incoming_ready = True
                     if batch is not None:
                         await batch.open()
                     try:
@@ -509,6 +524,7 @@ async def _pass(
             m.dataset_blocked.labels(dataset.name).set(0)
             _observe_source(engine, dataset, files.newest, 0, None, watermark)
             await record_total()
+            engine.replays.finished(dataset, watermark)
 
 
 LISTING_PAGES_AHEAD = 2  # listing pages read ahead of the pass: 2,000 files at most
@@ -673,6 +689,7 @@ async def _apply_one(
                 size_bytes=f.size,
                 max_record_bytes=engine.config.ingest.max_record_bytes,
                 statement_timeout_s=engine.config.database.statement_timeout_s,
+                incoming_ready=True,
             )
     except BadFile:
         m.poll_failures.labels(dataset.name, "parse").inc()
@@ -861,11 +878,7 @@ def _observe_shared_state(engine: Engine, dataset: DatasetConfig, state: ledger.
     m.dataset_blocked.labels(dataset.name).set(1 if state.blocked else 0)
     last = state.metadata.get("last_success_at")
     if last:
-        at = datetime.fromisoformat(last).timestamp()
-        mine = m.registry.get_sample_value(
-            "fleettickets_last_success_timestamp_seconds", {"dataset": dataset.name}
-        )
-        m.last_success.labels(dataset.name).set(max(mine or 0.0, at))
+        m.succeeded_at(dataset.name, datetime.fromisoformat(last).timestamp())
 
 
 # --- status ----------------------------------------------------------------------------

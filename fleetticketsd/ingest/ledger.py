@@ -188,6 +188,7 @@ class DatasetState:
     blocked: Blocked | None
     last_applied_at: datetime | None
     metadata: dict[str, Any]
+    exists: bool = True  # whether import_meta has the dataset's row (ensure)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ async def ensure(conn: asyncpg.Connection, dataset: str) -> None:
 async def state(conn: asyncpg.Connection, dataset: str) -> DatasetState:
     row = await conn.fetchrow(GET_META, dataset)
     if row is None:
-        return DatasetState(None, None, None, {})
+        return DatasetState(None, None, None, {}, exists=False)
     blocked = (
         Blocked(row["blocked_key"], row["blocked_etag"], row["blocked_reason"] or "", row["blocked_line"])
         if row["blocked_key"]

@@ -8,6 +8,11 @@ does not hold, so each pass lists ``processed/`` from the watermark's name on
 is empty) and applies what the ledger lacks, in name order with the files waiting
 under ``changes/``, under the stale-write guard. They stay in ``processed/``.
 
+A restore moves the watermark back, so a process that has looked once need not look
+again while the watermark has not gone back from what it last saw (``Watch``): a
+steady-state pass then makes one request fewer. A pass that did not finish (an
+error, a stop, a block) forgets what it saw, so the next one looks again.
+
 With no watermark there is nothing to restore *to*: a database that has never
 applied a file while ``processed/`` holds files is a new database beside an old
 archive (a fresh install on a used bucket, or a backup older than the first file),
@@ -16,6 +21,8 @@ and names the command that does it: ``drain --reseed --from-archive``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import asyncpg
 import structlog
@@ -34,6 +41,42 @@ log = structlog.get_logger("fleetticketsd.ingest.drain")
 # what the archive cannot give back (the legacy loader's years).
 CLEAR_ROWS = "DELETE FROM {table}"
 CLEAR_REJECTS = "DELETE FROM tickets.ingest_rejects WHERE dataset = $1"
+
+
+@dataclass
+class Watch:
+    """The watermark each dataset had when this process last finished a pass that looked
+    in processed/ (or had no need to), by dataset and archive prefix.
+
+    Files after the watermark reach processed/ only through a restore, and a restore
+    takes the watermark back with it: while the watermark read at the start of a pass
+    is not older than the one seen at the end of the last finished pass, processed/
+    holds nothing new after it, and the pass need not list it. Another process's passes
+    only move the watermark forward (and list processed/ themselves when theirs went
+    back). A new process starts empty, so its first pass always looks.
+    """
+
+    seen: dict[tuple[str, str], str | None] = field(default_factory=dict)
+
+    def due(self, dataset: DatasetConfig, watermark: str | None) -> bool:
+        """Whether this pass must list processed/ after ``watermark``; if so, the dataset
+        is forgotten until the pass finishes (``finished``)."""
+        key = (dataset.name, dataset.processed_prefix)
+        if key in self.seen and _name(watermark) >= _name(self.seen[key]):
+            return False
+        self.seen.pop(key, None)
+        return True
+
+    def finished(self, dataset: DatasetConfig, watermark: str | None) -> None:
+        """The pass dealt with every file it found, replays included."""
+        self.seen[(dataset.name, dataset.processed_prefix)] = watermark
+
+    def forget(self, dataset: DatasetConfig) -> None:
+        self.seen.pop((dataset.name, dataset.processed_prefix), None)
+
+
+def _name(key: str | None) -> str:
+    return file_name(key) if key else ""
 
 
 def ledger_key(dataset: DatasetConfig, f: ChangeFile) -> str:

@@ -353,9 +353,8 @@ async def delta_at_sizes(
             upload_baseline(endpoint, spec, export_rows, f"{prefix}changes/{feedgen.file_name(at)}")
             base = await drain(engine, config.dataset("inc"))
             assert base.ok and base.files_applied == 1, base
+            await settle(db_url)
             async with engine.pool.acquire() as conn:
-                for statement in SETTLE:
-                    await conn.execute(statement)
                 have = await conn.fetchval("SELECT count(*) FROM tickets.inc")
             out[rows] = await one_row_deltas(engine, endpoint, prefix, at, runs) | {"table_rows": have}
     return out

@@ -71,9 +71,6 @@ class Watch:
         """The pass dealt with every file it found, replays included."""
         self.seen[(dataset.name, dataset.processed_prefix)] = watermark
 
-    def forget(self, dataset: DatasetConfig) -> None:
-        self.seen.pop((dataset.name, dataset.processed_prefix), None)
-
 
 def _name(key: str | None) -> str:
     return file_name(key) if key else ""

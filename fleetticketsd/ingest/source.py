@@ -92,7 +92,7 @@ def _referenced(node: Any) -> set[str]:
             found |= _referenced(value)
         return found
     if isinstance(node, list):
-        return set().union(*(_referenced(v) for v in node)) if node else set()
+        return set().union(*(_referenced(v) for v in node))
     return set()
 
 
